@@ -14,10 +14,14 @@ from gradprobe.select import (
     prune_,
     prune_mask,
 )
+from gradprobe.config import PruneConfig  # noqa: E402
+from gradprobe.api import prune  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PruneConfig",
+    "prune",
     "Threshold",
     "global_prune_",
     "global_prune_masks",

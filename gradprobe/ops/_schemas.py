@@ -112,3 +112,77 @@ def _(weight: torch.Tensor, norm: torch.Tensor | None, n: int, m: int):
 
 
 # --- 2:4 packing (issue 4) — schemas and fakes are appended below by that work -------------------
+#
+# Layouts (rows, cols) = weight.shape; a *group* is 4 consecutive elements of a row.
+# * cutlass: torch's SparseSemiStructuredTensorCUTLASS layout, bit-for-bit as
+#   torch.sparse._semi_structured_conversions.sparse_semi_structured_from_dense_cutlass:
+#   packed (rows, cols/2) in weight's dtype, meta int16 (reordered for CUTLASS):
+#   fp16/bf16: 2 of every 4 kept, meta (rows, cols/16), rows % 32 == 0, cols % 32 == 0;
+#   fp32 (tf32 kernels): 1 of every 2 kept, meta (rows, cols/8), rows % 32 == 0, cols % 16 == 0.
+# * bitmask: compressed-tensors "sparse-24-bitmask": values (rows, cols/2) in weight's dtype (kept
+#   values in row-major order), bitmask (rows, ceil(cols/8)) uint8, bit j%8 of byte j//8 = column j
+#   kept (least-significant bit first). cols % 4 == 0; exactly 2 bits set per group.
+# ``scores`` (rows, cols) fp32 or None: None = pack the nonzeros of a 2:4-sparse weight (a group
+# with more nonzeros raises naming it); given = prune the 2 smallest scores of every group first
+# (ties: lower index pruned first, as nm_mask) and pack W with those zeroed, in the same pass.
+PACK_SCHEMAS: dict[str, str] = {
+    "pack_24_cutlass": "(Tensor weight, Tensor? scores) -> (Tensor packed, Tensor meta)",
+    "unpack_24_cutlass": "(Tensor packed, Tensor meta) -> Tensor",
+    "pack_24_bitmask": "(Tensor weight, Tensor? scores) -> (Tensor values, Tensor bitmask)",
+    "unpack_24_bitmask": "(Tensor values, Tensor bitmask, int cols) -> Tensor",
+}
+
+for _name, _schema in PACK_SCHEMAS.items():
+    LIB.define(_name + _schema)
+SCHEMAS.update(PACK_SCHEMAS)
+
+
+@torch.library.register_fake("gradprobe::pack_24_cutlass")
+def _(weight: torch.Tensor, scores: torch.Tensor | None):
+    rows, cols = weight.shape
+    packed = weight.new_empty((rows, cols // 2))
+    per = 8 if weight.dtype == torch.float32 else 16  # dense columns described by one int16 of meta
+    return packed, weight.new_empty((rows, cols // per), dtype=torch.int16)
+
+
+@torch.library.register_fake("gradprobe::unpack_24_cutlass")
+def _(packed: torch.Tensor, meta: torch.Tensor):
+    return packed.new_empty((packed.shape[0], packed.shape[1] * 2))
+
+
+@torch.library.register_fake("gradprobe::pack_24_bitmask")
+def _(weight: torch.Tensor, scores: torch.Tensor | None):
+    rows, cols = weight.shape
+    return weight.new_empty((rows, cols // 2)), weight.new_empty((rows, (cols + 7) // 8), dtype=torch.uint8)
+
+
+@torch.library.register_fake("gradprobe::unpack_24_bitmask")
+def _(values: torch.Tensor, bitmask: torch.Tensor, cols: int):
+    return values.new_empty((values.shape[0], cols))
+
+
+# --- probe (issue 6): gradient-probe accumulation and decision ----------------------------------
+# Contract:
+# * probe_accumulate_: acc <- max(acc, |grad|) elementwise, same shape and dtype (exact in any dtype).
+# * probe_apply_: ``candidates`` bool (out, in) holds k True entries; ``backup``, ``g0``, ``g1`` are (k,)
+#   in row-major candidate order (backup in weight's dtype = the original candidate values; g0, g1 any
+#   float). Candidate j is pruned iff fp32(g1[j]) <= fp32(g0[j]) * fp32(scale) (scale = 1 + tau); pruned
+#   candidates become 0, every other candidate gets backup[j] back bit for bit; non-candidates are not
+#   touched. Returns the bool (out, in) mask of pruned candidates.
+PROBE_SCHEMAS: dict[str, str] = {
+    "probe_accumulate_": "(Tensor(a!) acc, Tensor grad) -> ()",
+    "probe_apply_": "(Tensor(a!) weight, Tensor candidates, Tensor backup, Tensor g0, Tensor g1, float scale) -> Tensor",
+}
+for _name, _schema in PROBE_SCHEMAS.items():
+    LIB.define(_name + _schema)
+SCHEMAS.update(PROBE_SCHEMAS)
+
+
+@torch.library.register_fake("gradprobe::probe_accumulate_")
+def _(acc, grad):
+    return None
+
+
+@torch.library.register_fake("gradprobe::probe_apply_")
+def _(weight, candidates, backup, g0, g1, scale):
+    return _mask_like(weight)

@@ -1,0 +1,189 @@
+"""``PruneConfig``: every knob of a layerwise pruning run, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
+
+import torch
+
+METHODS = ("wanda", "magnitude")
+SCOPES = ("row", "layer", "global")
+
+
+class MaskFn(Protocol):
+    """Pluggable per-tensor "select and prune" step (issues 6/7 hook).
+
+    Called once per prunable tensor, after the layer's calibration statistics are complete.
+    Must zero the pruned weights of ``weight`` in place and return the bool mask (True = pruned).
+
+    Args:
+        weight: (out_features, in_features) parameter data on the compute device, model dtype.
+        norm: (in_features,) float32 activation norms ||X_j||_2, or None for magnitude.
+        sparsity: this tensor's target fraction (from ``sparsity_for``), or None under N:M.
+        ctx: :class:`gradprobe.driver.TensorContext` (layer index, name, config, layer stats).
+    """
+
+    def __call__(self, weight: torch.Tensor, norm: torch.Tensor | None, sparsity: float | None,
+                 ctx: Any) -> torch.Tensor: ...
+
+
+def parse_structure(structure: str | None) -> tuple[int, int] | None:
+    """``"N:M"`` -> (N, M); None / "unstructured" -> None. Raises ValueError naming ``structure``."""
+    if structure is None or structure == "unstructured":
+        return None
+    if not isinstance(structure, str) or structure.count(":") != 1:
+        raise ValueError(f'PruneConfig.structure must be None, "unstructured" or "N:M" (e.g. "2:4"), got {structure!r}')
+    try:
+        n, m = (int(p) for p in structure.split(":"))
+    except ValueError:
+        raise ValueError(f'PruneConfig.structure must be "N:M" with integers (e.g. "2:4"), got {structure!r}') from None
+    if not (0 < n < m <= 32):
+        raise ValueError(f"PruneConfig.structure {structure!r} needs 0 < N < M <= 32 (N pruned of every M)")
+    return n, m
+
+
+def _check_fraction(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where} must be a float in [0, 1), got {type(value).__name__}")
+    value = float(value)
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"{where} must be in [0, 1) (the fraction of weights to prune), got {value}")
+    return value
+
+
+def _pos_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"PruneConfig.{name} must be a positive int, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Configuration of :func:`gradprobe.prune`.
+
+    Attributes:
+        method: "wanda" (score |W| * ||X_j||_2 from calibration activations) or "magnitude" (|W|).
+        sparsity: fraction in [0, 1) for every tensor; or a per-decoder-layer sequence (one float
+            per layer); or a mapping layer index -> float (layers not listed stay dense). Under an
+            N:M ``structure`` it must be N/M or None. Stored normalised: float, tuple, or dict.
+        scope: "row" (each output row prunes floor(s * in); the Wanda default), "layer" (each
+            tensor prunes floor(s * numel)) or "global" (one group over all prunable tensors of
+            the model, norms from one dense calibration pass).
+        structure: None / "unstructured" or "N:M" (e.g. "2:4": 2 pruned of every 4 inputs).
+        nsamples: calibration windows. seqlen: tokens per window (never the model's max context).
+        include_lm_head: also prune ``lm_head`` (not allowed when tied to the embeddings).
+        device: compute device for the current layer and the calibration activations.
+        batch_size: calibration windows per layer forward.
+        seed: seed for drawing calibration windows from a tokenizer's text.
+        calib_source: passed to ``gradprobe.data.calibration_batches`` (None = its default).
+        mask_fn: optional :class:`MaskFn` replacing the built-in select-and-prune step.
+        sparsity_fn: optional ``(layer_idx, name, config) -> float`` replacing the resolution of
+            ``sparsity`` (issue 7: OWL-style allocation); evaluated for all tensors before the loop.
+        progress: show a tqdm bar per layer.
+    """
+
+    method: str = "wanda"
+    sparsity: float | Sequence[float] | Mapping[int, float] | None = 0.5
+    scope: str = "row"
+    structure: str | None = None
+    nsamples: int = 128
+    seqlen: int = 2048
+    include_lm_head: bool = False
+    device: str | torch.device = "cpu"
+    batch_size: int = 1
+    seed: int = 0
+    calib_source: Any = None
+    mask_fn: Callable[..., torch.Tensor] | None = field(default=None, compare=False)
+    sparsity_fn: Callable[[int, str, PruneConfig], float] | None = field(default=None, compare=False)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)
+        if self.method not in METHODS:
+            raise ValueError(f"PruneConfig.method must be one of {METHODS}, got {self.method!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"PruneConfig.scope must be one of {SCOPES}, got {self.scope!r}")
+        nm = parse_structure(self.structure)
+        set_("structure", None if nm is None else f"{nm[0]}:{nm[1]}")
+        s = self.sparsity
+        if nm is not None:
+            if self.scope == "global":
+                raise ValueError('PruneConfig.scope="global" cannot be combined with an N:M structure; use scope="row"')
+            if s is not None and not (isinstance(s, (int, float)) and not isinstance(s, bool)
+                                      and math.isclose(float(s), nm[0] / nm[1], rel_tol=0, abs_tol=1e-12)):
+                raise ValueError(
+                    f"PruneConfig.sparsity={s!r} conflicts with structure={self.structure!r} "
+                    f"(prunes {nm[0]}/{nm[1]}); pass sparsity=None or {nm[0] / nm[1]}"
+                )
+            set_("sparsity", None)
+        elif s is None:
+            raise ValueError("PruneConfig.sparsity is None; give a float in [0, 1) (None is only for N:M structure)")
+        elif isinstance(s, Mapping):
+            norm: dict[int, float] = {}
+            for k, v in s.items():
+                if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+                    raise ValueError(f"PruneConfig.sparsity mapping keys must be layer indices (int >= 0), got {k!r}")
+                norm[k] = _check_fraction(v, f"PruneConfig.sparsity[{k}]")
+            if not norm:
+                raise ValueError("PruneConfig.sparsity mapping is empty; give at least one layer index -> fraction")
+            set_("sparsity", dict(sorted(norm.items())))
+        elif isinstance(s, Sequence) and not isinstance(s, str):
+            if len(s) == 0:
+                raise ValueError("PruneConfig.sparsity list is empty; give one fraction per decoder layer")
+            set_("sparsity", tuple(_check_fraction(v, f"PruneConfig.sparsity[{i}]") for i, v in enumerate(s)))
+        else:
+            set_("sparsity", _check_fraction(s, "PruneConfig.sparsity"))
+        if self.scope == "global" and not isinstance(self.sparsity, float):
+            raise ValueError('PruneConfig.scope="global" needs one float sparsity (per-layer lists/mappings need scope "row" or "layer")')
+        _pos_int(self.nsamples, "nsamples")
+        _pos_int(self.seqlen, "seqlen")
+        _pos_int(self.batch_size, "batch_size")
+        if not isinstance(self.include_lm_head, bool):
+            raise ValueError(f"PruneConfig.include_lm_head must be a bool, got {self.include_lm_head!r}")
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"PruneConfig.device must be a torch device string like 'cpu' or 'cuda:0', got {self.device!r}") from None
+        set_("device", str(dev))
+        for name in ("mask_fn", "sparsity_fn"):
+            fn = getattr(self, name)
+            if fn is not None and not callable(fn):
+                raise TypeError(f"PruneConfig.{name} must be callable or None, got {type(fn).__name__}")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) of the structure, or None when unstructured."""
+        return parse_structure(self.structure)
+
+    def replace(self, **overrides: Any) -> PruneConfig:
+        """A copy with ``overrides`` applied (re-validated); unknown names raise TypeError."""
+        known = {f.name for f in fields(self)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise TypeError(f"unknown PruneConfig field(s) {bad}; known: {sorted(known)}")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if "structure" in overrides and "sparsity" not in overrides and overrides["structure"] not in (None, "unstructured"):
+            values["sparsity"] = None
+        values.update(overrides)
+        return PruneConfig(**values)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """JSON-able identity of the settings that decide the result (for resume)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name in ("progress", "device"):
+                continue
+            v = getattr(self, f.name)
+            if callable(v):
+                v = f"{getattr(v, '__module__', '?')}.{getattr(v, '__qualname__', repr(v))}"
+            elif isinstance(v, dict):
+                v = {str(k): x for k, x in v.items()}
+            elif isinstance(v, tuple):
+                v = list(v)
+            elif v is not None and not isinstance(v, (str, int, float, bool)):
+                v = repr(v)
+            out[f.name] = v
+        return out

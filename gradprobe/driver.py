@@ -1,0 +1,501 @@
+"""Sequential layerwise pruning (Wanda / magnitude) of a Hugging Face decoder-only LM.
+
+Algorithm (as the Wanda reference, https://github.com/locuslab/wanda/blob/main/lib/prune.py):
+
+1. :func:`capture_calibration` embeds the calibration windows once: ``inputs`` (N, L, H) in the
+   model's dtype on ``config.device`` = the inputs of decoder layer 0.
+2. For each decoder layer: move it to the device; run it on all windows with
+   :class:`gradprobe.stats.LayerStats` hooks (fp32 per-input-channel sum of squares); select and
+   prune every prunable linear in place (``config.mask_fn`` or :func:`gradprobe.prune_`); re-run the
+   *pruned* layer to produce the next layer's inputs into the second buffer; swap buffers; move the
+   layer back.
+3. Scope "global": one pass over the dense model collects all norms, then one
+   :func:`gradprobe.global_prune_` over every prunable tensor (on the weights' device).
+
+Resume: after every finished layer the pruned linears are saved (safetensors) with a JSON state.
+A rerun restores finished layers and *recomputes* their outputs from the layer-0 inputs with the
+restored (pruned) weights instead of storing activations (N*L*H per boundary: 2 GiB at 128x2048x4096
+bf16). The recomputation repeats exactly the forwards of the uninterrupted run, so the result is
+bit-identical on a deterministic device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradprobe.config import PruneConfig
+from gradprobe.models import ModelAdapter, get_adapter
+from gradprobe.report import PruneReport, TensorRow
+from gradprobe.select import global_prune_, prune_
+from gradprobe.stats import ChannelStats, LayerStats
+
+LM_HEAD = "lm_head"
+STATE_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# calibration capture (reusable by the gradient probe / OWL drivers)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Calibration:
+    """Inputs of decoder layer 0 for all calibration windows, and the per-layer forward kwargs.
+
+    Attributes:
+        inputs: (nsamples, seqlen, hidden) in the model's dtype, on ``config.device``.
+    """
+
+    model: nn.Module
+    adapter: ModelAdapter
+    inputs: torch.Tensor
+    batch_size: int
+    _kwargs: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    @property
+    def nsamples(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def seqlen(self) -> int:
+        return self.inputs.shape[1]
+
+    def kwargs_for(self, layer_idx: int, bsz: int) -> dict[str, Any]:
+        """Forward kwargs of decoder layer ``layer_idx`` for a batch of ``bsz`` windows (cached)."""
+        key = (layer_idx, bsz)
+        if key not in self._kwargs:
+            self._kwargs[key] = self.adapter.layer_forward_kwargs(
+                self.model, self.inputs[:bsz], None, None, layer_idx=layer_idx
+            )
+        return self._kwargs[key]
+
+    def run_layer(self, layer: nn.Module, layer_idx: int, src: torch.Tensor, dst: torch.Tensor | None) -> None:
+        """dst[b] = layer(src[b]) for every batch of windows; ``dst=None`` discards outputs."""
+        for b0 in range(0, src.shape[0], self.batch_size):
+            x = src[b0 : b0 + self.batch_size]
+            out = self.adapter.layer_output(layer(x, **self.kwargs_for(layer_idx, x.shape[0])))
+            if dst is not None:
+                dst[b0 : b0 + x.shape[0]].copy_(out)
+
+
+def check_batches(batches: Any, vocab_size: int | None) -> torch.Tensor:
+    """Validate calibration token ids: an integer tensor (nsamples, seqlen), non-empty, ids in range."""
+    if not isinstance(batches, torch.Tensor):
+        raise TypeError(f"calibration batches must be an int64 tensor (nsamples, seqlen) or a tokenizer, got {type(batches).__name__}")
+    if batches.dtype.is_floating_point or batches.dtype.is_complex or batches.dtype == torch.bool:
+        raise TypeError(f"calibration batches must hold integer token ids (int64), got {batches.dtype}")
+    if batches.dim() != 2:
+        raise ValueError(f"calibration batches must be 2-D (nsamples, seqlen), got shape {tuple(batches.shape)}")
+    if batches.numel() == 0:
+        raise ValueError(f"calibration batches are empty (shape {tuple(batches.shape)}); give at least one window of >= 1 token")
+    lo, hi = int(batches.min()), int(batches.max())
+    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+        raise ValueError(f"calibration token ids must be in [0, vocab_size={vocab_size}), got range [{lo}, {hi}]")
+    return batches.to(torch.int64)
+
+
+@torch.no_grad()
+def capture_calibration(model: nn.Module, batches: torch.Tensor, config: PruneConfig,
+                        adapter: ModelAdapter | None = None) -> Calibration:
+    """Embed ``batches`` (nsamples, seqlen) int64 into the layer-0 inputs on ``config.device``.
+
+    Only the embedding runs (on its own device); the result is (nsamples, seqlen, hidden) in the
+    embedding's dtype.
+    """
+    adapter = adapter or get_adapter(model)
+    embed = adapter.embed(model)
+    dev = torch.device(config.device)
+    n, seqlen = batches.shape
+    inputs = torch.empty((n, seqlen, embed.embedding_dim), dtype=embed.weight.dtype, device=dev)
+    for b0 in range(0, n, config.batch_size):
+        ids = batches[b0 : b0 + config.batch_size].to(embed.weight.device)
+        inputs[b0 : b0 + ids.shape[0]].copy_(embed(ids))
+    return Calibration(model=model, adapter=adapter, inputs=inputs, batch_size=config.batch_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# pluggable steps
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TensorContext:
+    """What a ``mask_fn`` / ``sparsity_fn`` may need besides the weight."""
+
+    layer_idx: int
+    name: str
+    config: PruneConfig
+    module: nn.Linear
+    stats: ChannelStats | None = None
+
+
+def default_mask_fn(weight: torch.Tensor, norm: torch.Tensor | None, sparsity: float | None,
+                    ctx: TensorContext) -> torch.Tensor:
+    """Built-in select-and-prune: :func:`gradprobe.prune_` with the config's scope / structure."""
+    if ctx.config.structure is not None:
+        return prune_(weight, None, norm=norm, structure=ctx.config.structure)
+    return prune_(weight, sparsity, norm=norm, scope=ctx.config.scope)
+
+
+def resolve_sparsity(config: PruneConfig, names: list[tuple[int, str]], num_layers: int) -> dict[tuple[int, str], float | None]:
+    """Target sparsity of every (layer index, tensor name), fixed before the loop.
+
+    lm_head has layer index ``num_layers``. A per-layer list needs ``num_layers`` entries (one more
+    when lm_head is pruned); a mapping may omit layers (they stay dense). Under N:M every target is
+    None. ``config.sparsity_fn(layer_idx, name, config)`` overrides all of this.
+    """
+    has_head = any(i == num_layers for i, _ in names)
+    n_expected = num_layers + int(has_head)
+    s = config.sparsity
+    out: dict[tuple[int, str], float | None] = {}
+    if isinstance(s, tuple) and len(s) != n_expected:
+        raise ValueError(f"PruneConfig.sparsity has {len(s)} entries but the model has {num_layers} decoder layers"
+                         + (" (+1 for lm_head)" if has_head else "") + f"; give {n_expected}")
+    if isinstance(s, dict):
+        bad = [k for k in s if k >= n_expected]
+        if bad:
+            raise ValueError(f"PruneConfig.sparsity has layer indices {bad} but the model has layers 0..{n_expected - 1}")
+    for i, name in names:
+        if config.structure is not None:
+            v: float | None = None
+        elif config.sparsity_fn is not None:
+            from gradprobe.config import _check_fraction
+
+            v = _check_fraction(config.sparsity_fn(i, name, config), f"sparsity_fn({i}, {name!r})")
+        elif isinstance(s, tuple):
+            v = s[i]
+        elif isinstance(s, dict):
+            v = s.get(i, 0.0)
+        else:
+            v = s
+        out[(i, name)] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# resume state
+# --------------------------------------------------------------------------------------------------
+def _sample_checksum(w: torch.Tensor) -> float:
+    """Cheap identity of a weight: float64 sum of ~4096 strided elements (no full copy)."""
+    flat = w.detach().reshape(-1)
+    step = max(1, flat.numel() // 4096)
+    return float(flat[::step].to(torch.float64).sum())
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+class ResumeState:
+    """``resume_dir`` layout: ``state.json`` + ``layer_XXXX.safetensors`` (pruned weights) or
+    ``norms_XXXX.safetensors`` (scope "global": dense norms). Files are written atomically."""
+
+    def __init__(self, directory: str | os.PathLike, identity: dict[str, Any], checksums: dict[str, float]):
+        self.dir = Path(directory)
+        self.path = self.dir / "state.json"
+        if self.path.exists():
+            state = json.loads(self.path.read_text())
+            if state.get("identity") != identity:
+                diff = sorted(k for k in identity if state.get("identity", {}).get(k) != identity[k])
+                raise ValueError(
+                    f"resume_dir {str(self.dir)!r} was written by a different run (differs in: {', '.join(diff)}); "
+                    "use a new resume_dir or delete this one"
+                )
+            self.state = state
+        else:
+            self.state = {"version": STATE_VERSION, "identity": identity, "checksums": checksums,
+                          "finished": {}, "complete": False}
+
+    def finished(self, i: int) -> bool:
+        return str(i) in self.state["finished"]
+
+    def rows(self, i: int) -> list[TensorRow]:
+        return [TensorRow.from_dict(d) for d in self.state["finished"][str(i)]["rows"]]
+
+    def seconds(self, i: int) -> float:
+        return float(self.state["finished"][str(i)]["seconds"])
+
+    def tensors(self, kind: str, i: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.dir / f"{kind}_{i:04d}.safetensors"))
+
+    def mark(self, kind: str, i: int, tensors: dict[str, torch.Tensor], rows: list[TensorRow], seconds: float) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_save_tensors(self.dir / f"{kind}_{i:04d}.safetensors", tensors)
+        self.state["finished"][str(i)] = {"rows": [r.to_dict() for r in rows], "seconds": seconds}
+        self.flush()
+
+    def flush(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.path, json.dumps(self.state, indent=1))
+
+    def check_model(self, groups: dict[int, dict[str, nn.Linear]]) -> None:
+        """Every layer must be dense (checksum) or, if finished, equal to its saved pruned weights."""
+        saved = self.state["checksums"]
+        for i, linears in groups.items():
+            for name, lin in linears.items():
+                key = f"{i}.{name}"
+                if _sample_checksum(lin.weight) == saved.get(key):
+                    continue
+                if self.finished(i) and (self.dir / f"layer_{i:04d}.safetensors").exists():
+                    t = self.tensors("layer", i).get(name)
+                    if t is not None and torch.equal(t, lin.weight.detach().cpu()):
+                        continue
+                raise ValueError(
+                    f"resume_dir {str(self.dir)!r}: weights of layer {i} {name} match neither the dense model it was "
+                    "started on nor its saved pruned state (was the model modified by the interrupted run?); "
+                    "reload the original model and rerun"
+                )
+
+
+# --------------------------------------------------------------------------------------------------
+# the driver
+# --------------------------------------------------------------------------------------------------
+def _row(i: int, name: str, w: torch.Tensor, mask: torch.Tensor, target: float | None, secs: float) -> TensorRow:
+    return TensorRow(layer=i, name=name, shape=(int(w.shape[0]), int(w.shape[1])), numel=w.numel(),
+                     pruned=int(mask.sum()), target=target, seconds=secs)
+
+
+def _batches_digest(batches: torch.Tensor | None) -> str | None:
+    if batches is None:
+        return None
+    return hashlib.sha256(batches.contiguous().numpy().tobytes()).hexdigest()
+
+
+class LayerwisePruner:
+    """One pruning run. Build with the model, validated config and (for Wanda) calibration ids.
+
+    All validation happens in ``__init__``; :meth:`run` is the only method that modifies the model.
+    """
+
+    def __init__(self, model: nn.Module, config: PruneConfig, batches: torch.Tensor | None,
+                 resume_dir: str | os.PathLike | None = None,
+                 callback: Callable[[int, list[TensorRow]], None] | None = None):
+        self.model, self.config, self.callback = model, config, callback
+        self.adapter = get_adapter(model)
+        self.layers = self.adapter.decoder_layers(model)
+        self.num_layers = len(self.layers)
+        if self.num_layers == 0:
+            raise ValueError("the model has no decoder layers to prune")
+        self.groups: dict[int, dict[str, nn.Linear]] = {
+            i: self.adapter.prunable_linears(layer) for i, layer in enumerate(self.layers)
+        }
+        if config.include_lm_head:
+            head = self.adapter.lm_head(model)
+            if head is None:
+                raise ValueError("PruneConfig.include_lm_head=True but the model has no lm_head")
+            if self.adapter.lm_head_tied(model):
+                raise ValueError("PruneConfig.include_lm_head=True but lm_head is tied to the input embeddings "
+                                 "(pruning it would prune embed_tokens too); untie it or leave include_lm_head=False")
+            self.groups[self.num_layers] = {LM_HEAD: head}
+        names = [(i, n) for i, g in self.groups.items() for n in g]
+        self.targets = resolve_sparsity(config, names, self.num_layers)
+        if config.nm is not None:
+            m = config.nm[1]
+            for (i, n), lin in ((k, self.groups[k[0]][k[1]]) for k in names):
+                if lin.in_features % m:
+                    raise ValueError(f"structure={config.structure!r} needs in_features divisible by {m}; "
+                                     f"layer {i} {n} has in_features={lin.in_features}")
+        if config.scope == "global" and config.mask_fn is not None:
+            raise ValueError("PruneConfig.mask_fn is per tensor and cannot be combined with scope='global'")
+        self.wanda = config.method == "wanda"
+        if self.wanda:
+            if batches is None:
+                raise ValueError("method='wanda' needs calibration batches (int64 (nsamples, seqlen)) or a tokenizer")
+            batches = check_batches(batches, getattr(model.config, "vocab_size", None))
+        self.batches = batches if self.wanda else None
+        self.mask_fn = config.mask_fn or default_mask_fn
+        self.resume = None
+        if resume_dir is not None:
+            identity = {
+                "version": STATE_VERSION,
+                "config": config.fingerprint(),
+                "model_type": model.config.model_type,
+                "num_layers": self.num_layers,
+                "shapes": {f"{i}.{n}": list(lin.weight.shape) for i, g in self.groups.items() for n, lin in g.items()},
+                "batches_sha256": _batches_digest(self.batches),
+            }
+            checksums = {f"{i}.{n}": _sample_checksum(lin.weight) for i, g in self.groups.items() for n, lin in g.items()}
+            self.resume = ResumeState(resume_dir, identity, checksums)
+            self.resume.check_model(self.groups)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _progress(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="layer", disable=not self.config.progress)
+
+    def _prune_group(self, i: int, norms: dict[str, torch.Tensor] | None,
+                     stats: dict[str, ChannelStats] | None) -> list[TensorRow]:
+        rows = []
+        for name, lin in self.groups[i].items():
+            target = self.targets[(i, name)]
+            norm = None if norms is None else norms[name].to(lin.weight.device)
+            ctx = TensorContext(layer_idx=i, name=name, config=self.config, module=lin,
+                                stats=None if stats is None else stats[name])
+            t0 = time.perf_counter()
+            mask = self.mask_fn(lin.weight.data, norm, target, ctx)
+            rows.append(_row(i, name, lin.weight, mask, target, time.perf_counter() - t0))
+        return rows
+
+    def _restore(self, i: int) -> None:
+        saved = self.resume.tensors("layer", i)
+        for name, lin in self.groups[i].items():
+            lin.weight.data.copy_(saved[name].to(lin.weight.device, lin.weight.dtype))
+
+    def _finish_layer(self, i: int, rows: list[TensorRow], secs: float, kind: str = "layer",
+                      tensors: dict[str, torch.Tensor] | None = None) -> None:
+        if self.resume is not None:
+            if tensors is None:
+                tensors = {n: lin.weight for n, lin in self.groups[i].items()}
+            self.resume.mark(kind, i, tensors, rows, secs)
+        if self.callback is not None:
+            self.callback(i, rows)
+
+    def _head_norms(self, hidden: torch.Tensor, calib: Calibration) -> dict[str, ChannelStats]:
+        """lm_head input stats = final_norm(last layer output), without running lm_head (vocab-wide)."""
+        fnorm = self.adapter.final_norm(self.model)
+        orig = next(fnorm.parameters()).device
+        fnorm.to(hidden.device)
+        st = ChannelStats(hidden.shape[-1], hidden.device)
+        for b0 in range(0, hidden.shape[0], calib.batch_size):
+            st.add(fnorm(hidden[b0 : b0 + calib.batch_size]))
+        fnorm.to(orig)
+        return {LM_HEAD: st}
+
+    # -- main -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self) -> PruneReport:
+        t_start = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        rows: list[TensorRow] = []
+        layer_seconds: dict[int, float] = {}
+        resumed: list[int] = []
+        try:
+            if self.config.scope == "global":
+                rows = self._run_global(layer_seconds, resumed)
+            else:
+                rows = self._run_sequential(layer_seconds, resumed)
+        finally:
+            self.model.train(was_training)
+        n, L = (tuple(self.batches.shape) if self.batches is not None else (0, 0))
+        return PruneReport(rows=rows, config=self.config, layer_seconds=layer_seconds, nsamples=n, seqlen=L,
+                           seconds=time.perf_counter() - t_start, model_type=self.model.config.model_type,
+                           resumed_layers=resumed)
+
+    def _run_sequential(self, layer_seconds: dict[int, float], resumed: list[int]) -> list[TensorRow]:
+        dev = torch.device(self.config.device)
+        rows: list[TensorRow] = []
+        calib = capture_calibration(self.model, self.batches, self.config, self.adapter) if self.wanda else None
+        inps = calib.inputs if calib is not None else None
+        outs = torch.empty_like(inps) if inps is not None else None
+        bar = self._progress(len(self.groups), f"{self.config.method} {self.config.structure or self.config.scope}")
+        for i, layer in enumerate(self.layers):
+            t0 = time.perf_counter()
+            orig = next(layer.parameters()).device
+            layer.to(dev)
+            done = self.resume is not None and self.resume.finished(i)
+            if done:
+                self._restore(i)
+                layer_rows = self.resume.rows(i)
+                if calib is not None:
+                    calib.run_layer(layer, i, inps, outs)
+            else:
+                norms = stats = None
+                if calib is not None:
+                    with LayerStats(self.groups[i]) as st:
+                        calib.run_layer(layer, i, inps, None)
+                    norms, stats = st.norms(), st.stats
+                layer_rows = self._prune_group(i, norms, stats)
+                if calib is not None:
+                    calib.run_layer(layer, i, inps, outs)  # outputs of the pruned layer feed layer i + 1
+            layer.to(orig)
+            if calib is not None:
+                inps, outs = outs, inps
+            rows += layer_rows
+            if done:
+                resumed.append(i)
+                layer_seconds[i] = self.resume.seconds(i)
+            else:
+                layer_seconds[i] = time.perf_counter() - t0
+                self._finish_layer(i, layer_rows, layer_seconds[i])
+            bar.update(1)
+        if self.num_layers in self.groups:  # lm_head
+            i = self.num_layers
+            t0 = time.perf_counter()
+            if self.resume is not None and self.resume.finished(i):
+                self._restore(i)
+                rows += self.resume.rows(i)
+                resumed.append(i)
+                layer_seconds[i] = self.resume.seconds(i)
+            else:
+                stats = self._head_norms(inps, calib) if calib is not None else None
+                norms = None if stats is None else {k: s.norm() for k, s in stats.items()}
+                head_rows = self._prune_group(i, norms, stats)
+                rows += head_rows
+                layer_seconds[i] = time.perf_counter() - t0
+                self._finish_layer(i, head_rows, layer_seconds[i])
+            bar.update(1)
+        bar.close()
+        return rows
+
+    def _run_global(self, layer_seconds: dict[int, float], resumed: list[int]) -> list[TensorRow]:
+        dev = torch.device(self.config.device)
+        all_norms: dict[tuple[int, str], torch.Tensor] = {}
+        if self.wanda:
+            calib = capture_calibration(self.model, self.batches, self.config, self.adapter)
+            inps, outs = calib.inputs, torch.empty_like(calib.inputs)
+            bar = self._progress(len(self.groups), "wanda global: dense norms")
+            for i, layer in enumerate(self.layers):
+                t0 = time.perf_counter()
+                orig = next(layer.parameters()).device
+                layer.to(dev)
+                if self.resume is not None and self.resume.finished(i):
+                    norms = self.resume.tensors("norms", i)
+                    calib.run_layer(layer, i, inps, outs)
+                    resumed.append(i)
+                else:
+                    with LayerStats(self.groups[i]) as st:
+                        calib.run_layer(layer, i, inps, outs)  # dense outputs feed layer i + 1
+                    norms = {k: v.cpu() for k, v in st.norms().items()}
+                layer.to(orig)
+                inps, outs = outs, inps
+                for name, v in norms.items():
+                    all_norms[(i, name)] = v
+                layer_seconds[i] = time.perf_counter() - t0
+                if not (self.resume is not None and self.resume.finished(i)):
+                    self._finish_layer(i, [], layer_seconds[i], kind="norms", tensors=norms)
+                bar.update(1)
+            if self.num_layers in self.groups:
+                st = self._head_norms(inps, calib)
+                all_norms[(self.num_layers, LM_HEAD)] = st[LM_HEAD].norm().cpu()
+                bar.update(1)
+            bar.close()
+            del calib, inps, outs
+        keys = [(i, n) for i, g in self.groups.items() for n in g]
+        weights = [self.groups[i][n].weight.data for i, n in keys]
+        norms = [all_norms[k].to(w.device) for k, w in zip(keys, weights)] if self.wanda else None
+        t0 = time.perf_counter()
+        masks = global_prune_(weights, self.config.sparsity, norms=norms)
+        secs = time.perf_counter() - t0
+        total = sum(w.numel() for w in weights)
+        return [_row(i, n, w, m, self.config.sparsity, secs * w.numel() / total)
+                for (i, n), w, m in zip(keys, weights, masks)]

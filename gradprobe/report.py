@@ -1,0 +1,156 @@
+"""``PruneReport``: what a pruning run did, per tensor, as a Markdown table, JSON and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradprobe.config import PruneConfig
+
+
+@dataclass
+class TensorRow:
+    """One pruned tensor. ``layer`` is the decoder-layer index (``num_layers`` for lm_head)."""
+
+    layer: int
+    name: str
+    shape: tuple[int, int]
+    numel: int
+    pruned: int
+    target: float | None
+    seconds: float
+
+    @property
+    def sparsity(self) -> float:
+        """Achieved fraction of pruned weights."""
+        return self.pruned / self.numel if self.numel else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["sparsity"] = self.sparsity
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorRow:
+        return cls(layer=int(d["layer"]), name=d["name"], shape=tuple(d["shape"]), numel=int(d["numel"]),
+                   pruned=int(d["pruned"]), target=d["target"], seconds=float(d["seconds"]))
+
+
+@dataclass
+class PruneReport:
+    """Result of :func:`gradprobe.prune`.
+
+    Attributes:
+        rows: one :class:`TensorRow` per pruned tensor, in (layer, q..down) order.
+        config: the effective :class:`PruneConfig`.
+        layer_seconds: wall time per decoder layer (calibration forwards + selection + propagation).
+        nsamples, seqlen: calibration actually used (0 for magnitude, which needs none).
+        seconds: total wall time. resumed_layers: layers restored from ``resume_dir``.
+    """
+
+    rows: list[TensorRow]
+    config: PruneConfig
+    layer_seconds: dict[int, float] = field(default_factory=dict)
+    nsamples: int = 0
+    seqlen: int = 0
+    seconds: float = 0.0
+    model_type: str = ""
+    resumed_layers: list[int] = field(default_factory=list)
+
+    @property
+    def total_params(self) -> int:
+        return sum(r.numel for r in self.rows)
+
+    @property
+    def total_pruned(self) -> int:
+        return sum(r.pruned for r in self.rows)
+
+    @property
+    def sparsity(self) -> float:
+        """Achieved sparsity over all prunable tensors."""
+        return self.total_pruned / self.total_params if self.total_params else 0.0
+
+    def layer_sparsity(self) -> dict[int, float]:
+        out: dict[int, list[int]] = {}
+        for r in self.rows:
+            acc = out.setdefault(r.layer, [0, 0])
+            acc[0] += r.pruned
+            acc[1] += r.numel
+        return {k: p / n if n else 0.0 for k, (p, n) in sorted(out.items())}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type,
+            "config": self.config.fingerprint() | {"device": str(self.config.device)},
+            "calibration": {"nsamples": self.nsamples, "seqlen": self.seqlen, "tokens": self.nsamples * self.seqlen},
+            "totals": {"params": self.total_params, "pruned": self.total_pruned, "sparsity": self.sparsity,
+                       "seconds": self.seconds},
+            "layer_seconds": {str(k): v for k, v in sorted(self.layer_seconds.items())},
+            "resumed_layers": list(self.resumed_layers),
+            "rows": [r.to_dict() for r in self.rows],
+        }
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_markdown(self) -> str:
+        c = self.config
+        what = c.structure or f"{c.scope} scope"
+        lines = [
+            f"# gradprobe prune report ({self.model_type or 'model'})",
+            "",
+            f"method **{c.method}**, {what}, calibration {self.nsamples} x {self.seqlen} tokens; "
+            f"achieved sparsity **{self.sparsity:.4%}** ({self.total_pruned:,} / {self.total_params:,}) in {self.seconds:.2f} s",
+            "",
+            "| layer | tensor | shape | target | achieved | pruned | select s |",
+            "|---:|---|---|---:|---:|---:|---:|",
+        ]
+        for r in self.rows:
+            tgt = "-" if r.target is None else f"{r.target:.4f}"
+            lines.append(f"| {r.layer} | {r.name} | {r.shape[0]}x{r.shape[1]} | {tgt} | {r.sparsity:.4f} | "
+                         f"{r.pruned:,} | {r.seconds:.4f} |")
+        if self.layer_seconds:
+            lines += ["", "| layer | seconds | sparsity |", "|---:|---:|---:|"]
+            ls = self.layer_sparsity()
+            for k, v in sorted(self.layer_seconds.items()):
+                lines.append(f"| {k} | {v:.3f} | {ls.get(k, 0.0):.4f} |")
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """PNG: achieved sparsity per layer (bars) and seconds per layer (line)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ls = self.layer_sparsity()
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(ls) + 3), 3.5))
+        ax.bar(list(ls), list(ls.values()), color="tab:blue", label="achieved sparsity")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("sparsity")
+        ax.set_ylim(0, 1)
+        if self.layer_seconds:
+            ax2 = ax.twinx()
+            ks = sorted(self.layer_seconds)
+            ax2.plot(ks, [self.layer_seconds[k] for k in ks], color="tab:red", marker=".", label="seconds")
+            ax2.set_ylabel("seconds")
+        ax.set_title(f"{self.model_type} {self.config.method} {self.config.structure or self.config.scope}")
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def save(self, directory: str | os.PathLike, stem: str = "prune_report") -> dict[str, Path]:
+        """Write ``<stem>.md``, ``<stem>.json`` and ``<stem>.png`` into ``directory``; returns the paths."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        md, js, png = d / f"{stem}.md", d / f"{stem}.json", d / f"{stem}.png"
+        md.write_text(self.to_markdown())
+        js.write_text(self.to_json())
+        self.plot(png)
+        return {"markdown": md, "json": js, "png": png}

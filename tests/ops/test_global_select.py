@@ -1,0 +1,236 @@
+"""Global exact selection (global_threshold / global_mask / global_prune_) on every backend.
+
+One group spans several differently-shaped tensors; its order is (tensor position, flat index).
+Masks must equal ``reference.global_masks_sorted`` (concatenate + stable sort) bit for bit, the
+triple must equal ``reference.threshold_triple`` of the concatenated scores, exactly k are pruned.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gradprobe
+from gradprobe import _backend
+from gradprobe.ops import reference as ref
+from tests.helpers import (
+    DTYPES,
+    assert_masks_equal,
+    backend_params,
+    dtype_id,
+    is_interpreted,
+    make_norm,
+    make_weight,
+    with_backend,
+)
+
+BACKENDS = backend_params()
+GLOBAL_OPS = ("global_threshold", "global_mask", "global_prune_")
+GROUP = [(37, 300), (1, 7), (64, 1000), (7, 1)]
+INTERPRETER_MAX = 64 * 1000 * 2
+
+
+def require_ops(backend: str, device: str, ops) -> None:
+    """Skip when ``backend`` has not registered these ops (e.g. Triton work in progress)."""
+    with with_backend(backend):
+        try:
+            for op in ops:
+                _backend.resolve(op, device)
+        except _backend.BackendUnavailableError as exc:
+            if "has no" not in str(exc):
+                raise
+            pytest.skip(str(exc))
+
+
+@pytest.fixture(autouse=True)
+def _require_global_ops(request):
+    if "backend" in request.fixturenames:
+        require_ops(request.getfixturevalue("backend"), request.getfixturevalue("device"), GLOBAL_OPS)
+
+
+def group_scores(ws, ns) -> torch.Tensor:
+    """(1, total) fp32 concatenated scores in group order."""
+    return torch.cat([ref.score(w.cpu(), None if not ns else ns[i].cpu()).reshape(-1) for i, w in enumerate(ws)])[None]
+
+
+def check_global_ops(backend, device, ws, ns, k) -> list[torch.Tensor]:
+    """All three global ops on ``backend`` vs the concatenate-and-sort oracle; returns the masks."""
+    ws = [w.to(device) for w in ws]
+    ns = [n.to(device) for n in ns]
+    if is_interpreted(backend, device) and sum(w.numel() for w in ws) > INTERPRETER_MAX:
+        pytest.skip("Triton interpreter: small groups only")
+    expected = ref.global_masks_sorted([w.cpu() for w in ws], [n.cpu() for n in ns], k)
+    thr_e, take_e, eq_e = ref.threshold_triple(group_scores(ws, ns), k)
+    work = [w.clone() for w in ws]
+    out = [torch.empty(w.shape, dtype=torch.bool, device=device) for w in ws]
+    with with_backend(backend):
+        thr, take, eq = torch.ops.gradprobe.global_threshold(ws, ns, k)
+        masks = torch.ops.gradprobe.global_mask(ws, ns, thr, take)
+        torch.ops.gradprobe.global_prune_(work, out, ns, thr, take)
+    assert thr.shape == () and take.shape == () and eq.shape == ()
+    assert thr.dtype == torch.float32 and take.dtype == torch.int64 and eq.dtype == torch.int64
+    assert torch.equal(thr.cpu(), thr_e[0]), f"threshold {thr.item()} != {thr_e[0].item()}"
+    assert take.item() == take_e[0].item() and eq.item() == eq_e[0].item()
+    assert len(masks) == len(ws)
+    for i, (m, o, e) in enumerate(zip(masks, out, expected)):
+        assert_masks_equal(m, e, f"global_mask[{i}]")
+        assert_masks_equal(o, e, f"global_prune_ masks[{i}]")
+        assert torch.equal(work[i].cpu(), ws[i].cpu().masked_fill(e, 0)), f"weights[{i}] not zeroed exactly at its mask"
+    assert sum(int(m.sum()) for m in masks) == k
+    return masks
+
+
+def make_group(shapes, dtype, kind="randn"):
+    return [make_weight(s, dtype, kind=kind) for s in shapes]
+
+
+@pytest.mark.parametrize("use_norm", [False, True], ids=["magnitude", "wanda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_global_group_matches_sort_oracle(backend, device, dtype, use_norm):
+    ws = make_group(GROUP, dtype)
+    ns = [make_norm(s[1]) for s in GROUP] if use_norm else []
+    total = sum(w.numel() for w in ws)
+    for k in (0, 1, total // 2, total - 1, total):
+        check_global_ops(backend, device, ws, ns, k)
+
+
+@pytest.mark.parametrize("norm_kind", [None, "ties"])
+@pytest.mark.parametrize("kind", ["ties", "const", "zeros", "signed_zero"])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_global_heavy_ties_follow_group_order(backend, device, kind, norm_kind):
+    ws = make_group(GROUP, torch.bfloat16, kind=kind)
+    ns = [] if norm_kind is None else [make_norm(s[1], kind=norm_kind) for s in GROUP]
+    total = sum(w.numel() for w in ws)
+    for k in (1, 5000, total // 2, total - 3):
+        check_global_ops(backend, device, ws, ns, k)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_global_tie_cut_inside_a_large_tensor(backend, device):
+    """All scores equal across > 2^16-element tensors: the cut lands mid-tensor, far from its start."""
+    ws = [make_weight((300, 1000), torch.float32, kind="const"), make_weight((17, 4097), torch.float32, kind="const")]
+    total = sum(w.numel() for w in ws)
+    for k in (100_001, 300_000, 300_000 + 40_000, total - 1):
+        check_global_ops(backend, device, ws, [], k)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_global_mixed_dtypes(backend, device):
+    shapes = [(37, 300), (64, 1000), (3, 4097)]
+    ws = [make_weight(s, d, kind="ties") for s, d in zip(shapes, DTYPES)]
+    ns = [make_norm(s[1], kind="ties") for s in shapes]
+    total = sum(w.numel() for w in ws)
+    check_global_ops(backend, device, ws, ns, math.floor(0.7 * total))
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.999, "1-1/n"])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_global_public_api(backend, device, sparsity):
+    ws = [w.to(device) for w in make_group(GROUP, torch.float32)]
+    ns = [make_norm(s[1]).to(device) for s in GROUP]
+    total = sum(w.numel() for w in ws)
+    s = 1 - 1 / total if sparsity == "1-1/n" else sparsity
+    k = math.floor(s * total)
+    expected = ref.global_masks_sorted([w.cpu() for w in ws], [n.cpu() for n in ns], k)
+    work = [w.clone() for w in ws]
+    with with_backend(backend):
+        masks = gradprobe.global_prune_masks(ws, s, norms=ns)
+        masks2 = gradprobe.global_prune_(work, s, norms=ns)
+        thr = gradprobe.kth_threshold(ws, s, norm=ns, scope="global")
+    assert sum(int(m.sum()) for m in masks) == k
+    for i in range(len(ws)):
+        assert_masks_equal(masks[i], expected[i], f"masks[{i}]")
+        assert_masks_equal(masks2[i], expected[i], f"global_prune_ masks[{i}]")
+        assert torch.equal(work[i].cpu(), ws[i].cpu().masked_fill(expected[i], 0))
+    thr_e, take_e, eq_e = ref.threshold_triple(group_scores(ws, ns), k)
+    assert torch.equal(thr.value.cpu(), thr_e[0]) and thr.take.item() == take_e[0].item()
+    assert thr.equal.item() == eq_e[0].item()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_layer_scope_is_a_one_tensor_group(backend, device):
+    w = make_weight((64, 1000), torch.bfloat16, kind="ties").to(device)
+    norm = make_norm(1000, kind="ties").to(device)
+    k = math.floor(0.5 * w.numel())
+    expected = ref.global_masks_sorted([w.cpu()], [norm.cpu()], k)[0]
+    w2 = w.clone()
+    with with_backend(backend):
+        mask = gradprobe.prune_mask(w, 0.5, norm=norm, scope="layer")
+        mask2 = gradprobe.prune_(w2, 0.5, norm=norm, scope="layer")
+        thr = gradprobe.kth_threshold(w, 0.5, norm=norm, scope="layer")
+    assert_masks_equal(mask, expected)
+    assert_masks_equal(mask2, expected)
+    assert torch.equal(w2.cpu(), w.cpu().masked_fill(expected, 0))
+    assert thr.value.shape == () and int(mask.sum()) == k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "reference"])
+def test_global_real_llama_layer_group(backend, device):
+    """One Llama-7B decoder layer's MLP + attention output as a bf16 group with norms."""
+    shapes = [(4096, 4096), (11008, 4096), (4096, 11008)]
+    if is_interpreted(backend, device):
+        pytest.skip("Triton interpreter: small groups only")
+    ws = make_group(shapes, torch.bfloat16)
+    ns = [make_norm(s[1]) for s in shapes]
+    total = sum(w.numel() for w in ws)
+    k = math.floor(0.5 * total)
+    with with_backend(backend):
+        thr, take, _ = torch.ops.gradprobe.global_threshold([w.to(device) for w in ws], [n.to(device) for n in ns], k)
+        masks = torch.ops.gradprobe.global_mask([w.to(device) for w in ws], [n.to(device) for n in ns], thr, take)
+    expected = ref.global_masks_sorted(ws, ns, k)
+    for i in range(len(ws)):
+        assert_masks_equal(masks[i], expected[i], f"masks[{i}]")
+
+
+@st.composite
+def tie_heavy_groups(draw):
+    ntensors = draw(st.integers(1, 3))
+    ws, ns = [], []
+    for _ in range(ntensors):
+        r, c = draw(st.integers(1, 4)), draw(st.integers(1, 12))
+        vals = draw(st.lists(st.integers(-3, 3), min_size=r * c, max_size=r * c))
+        ws.append(torch.tensor(vals, dtype=torch.float32).reshape(r, c) * 0.5)
+        ns.append(torch.tensor(draw(st.lists(st.sampled_from([0.0, 1.0, 2.0]), min_size=c, max_size=c))))
+    total = sum(w.numel() for w in ws)
+    k = draw(st.integers(0, total))
+    return ws, (ns if draw(st.booleans()) else []), k
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=tie_heavy_groups())
+def test_global_property_count_and_tie_rule(backend, device, case):
+    ws, ns, k = case
+    with with_backend(backend):
+        thr, take, _ = torch.ops.gradprobe.global_threshold([w.to(device) for w in ws], [n.to(device) for n in ns], k)
+        masks = torch.ops.gradprobe.global_mask([w.to(device) for w in ws], [n.to(device) for n in ns], thr, take)
+    flat_mask = torch.cat([m.cpu().reshape(-1) for m in masks])
+    s = group_scores(ws, ns)[0]
+    assert int(flat_mask.sum()) == k
+    pruned, kept = s[flat_mask], s[~flat_mask]
+    if pruned.numel() and kept.numel():
+        assert pruned.max() <= kept.min(), "a kept score is smaller than a pruned one"
+        ties = flat_mask[s == pruned.max()]
+        # in group order, the pruned ties come before the kept ones
+        assert torch.equal(ties, torch.sort(ties.int(), descending=True, stable=True).values.bool())
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_global_opcheck(backend, device):
+    ws = [make_weight((5, 33), torch.float32, kind="ties").to(device), make_weight((3, 8), torch.bfloat16).to(device)]
+    ns = [make_norm(33).to(device), make_norm(8).to(device)]
+    with with_backend(backend):
+        for norms, k in ((ns, 70), ([], 0)):
+            thr, take, _ = torch.ops.gradprobe.global_threshold(ws, norms, k)
+            torch.library.opcheck(torch.ops.gradprobe.global_threshold.default, ([w.clone() for w in ws], norms, k))
+            torch.library.opcheck(torch.ops.gradprobe.global_mask.default, (ws, norms, thr, take))
+            masks = [torch.empty(w.shape, dtype=torch.bool, device=device) for w in ws]
+            torch.library.opcheck(
+                torch.ops.gradprobe.global_prune_.default, ([w.clone() for w in ws], masks, norms, thr, take)
+            )

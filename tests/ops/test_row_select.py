@@ -1,0 +1,212 @@
+"""Per-row exact selection (row_threshold / row_mask / row_prune_) on every backend vs the sort oracle.
+
+Masks must equal ``reference.stable_rank_mask`` bit for bit, triples must equal
+``reference.threshold_triple`` exactly, every row prunes exactly k, and the in-place variant zeroes
+exactly the masked weights and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gradprobe
+from gradprobe.ops import reference as ref
+from gradprobe import _backend
+from tests.helpers import (
+    DTYPES,
+    assert_masks_equal,
+    backend_params,
+    dtype_id,
+    is_interpreted,
+    make_norm,
+    make_weight,
+    with_backend,
+)
+
+BACKENDS = backend_params()
+ROW_OPS = ("row_threshold", "row_mask", "row_prune_")
+SHAPES = [(1, 1), (1, 7), (7, 1), (37, 300), (64, 1000), (3, 4097)]
+INTERPRETER_MAX = 64 * 1000  # the Triton CPU interpreter only gets shapes up to this many elements
+
+
+def shape_id(s) -> str:
+    return f"shape={s[0]}x{s[1]}"
+
+
+def skip_if_too_big(backend: str, device: str, numel: int) -> None:
+    if is_interpreted(backend, device) and numel > INTERPRETER_MAX:
+        pytest.skip("Triton interpreter: small shapes only")
+
+
+def require_ops(backend: str, device: str, ops) -> None:
+    """Skip when ``backend`` has not registered these ops (e.g. Triton work in progress)."""
+    with with_backend(backend):
+        try:
+            for op in ops:
+                _backend.resolve(op, device)
+        except _backend.BackendUnavailableError as exc:
+            if "has no" not in str(exc):
+                raise
+            pytest.skip(str(exc))
+
+
+@pytest.fixture(autouse=True)
+def _require_row_ops(request):
+    """Skip (with the reason) a backend that registers none of the row ops yet."""
+    if "backend" in request.fixturenames:
+        require_ops(request.getfixturevalue("backend"), request.getfixturevalue("device"), ROW_OPS)
+
+
+def check_row_ops(backend: str, device: str, w: torch.Tensor, norm: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Run all three row ops on ``backend`` and compare with the sort oracle; returns the mask."""
+    w = w.to(device)
+    norm = None if norm is None else norm.to(device)
+    scores = ref.score(w.cpu(), None if norm is None else norm.cpu())
+    expected = ref.stable_rank_mask(scores, k)
+    thr_e, take_e, eq_e = ref.threshold_triple(scores, k)
+    w_inplace = w.clone()
+    with with_backend(backend):
+        thr, take, eq = torch.ops.gradprobe.row_threshold(w, norm, k)
+        mask = torch.ops.gradprobe.row_mask(w, norm, k)
+        mask_inplace = torch.ops.gradprobe.row_prune_(w_inplace, norm, k)
+    assert thr.dtype == torch.float32 and take.dtype == torch.int64 and eq.dtype == torch.int64
+    assert torch.equal(thr.cpu(), thr_e), f"threshold differs: {thr.cpu()[:5]} vs {thr_e[:5]}"
+    assert torch.equal(take.cpu(), take_e), "take differs from the sort oracle"
+    assert torch.equal(eq.cpu(), eq_e), "equal differs from the sort oracle"
+    assert_masks_equal(mask, expected)
+    assert_masks_equal(mask_inplace, expected, "row_prune_ mask")
+    assert (mask.sum(dim=1).cpu() == k).all(), "a row does not prune exactly k"
+    # zeroed exactly where the mask is (bit-exact elsewhere, including -0.0 and NaN-free bit patterns)
+    assert torch.equal(w_inplace.cpu(), w.cpu().masked_fill(expected, 0))
+    return mask
+
+
+@pytest.mark.parametrize("use_norm", [False, True], ids=["magnitude", "wanda"])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_row_ops_match_sort_oracle(backend, device, dtype, shape, use_norm):
+    skip_if_too_big(backend, device, shape[0] * shape[1])
+    w = make_weight(shape, dtype)
+    norm = make_norm(shape[1]) if use_norm else None
+    check_row_ops(backend, device, w, norm, shape[1] // 2)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.999, "1-1/n"])
+@pytest.mark.parametrize("shape", [(1, 7), (37, 300), (64, 1000), (3, 4097)], ids=shape_id)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_row_sparsity_extremes(backend, device, shape, sparsity):
+    skip_if_too_big(backend, device, shape[0] * shape[1])
+    n = shape[1]
+    s = 1 - 1 / n if sparsity == "1-1/n" else sparsity
+    w = make_weight(shape, torch.float32)
+    norm = make_norm(n)
+    with with_backend(backend):
+        mask = gradprobe.prune_mask(w.to(device), s, norm=norm.to(device))
+    k = math.floor(s * n)
+    assert (mask.sum(dim=1).cpu() == k).all()
+    assert_masks_equal(mask, ref.stable_rank_mask(ref.score(w, norm), k))
+    # the k == n edge and k == n - 1 go through the ops directly (the API caps sparsity below 1)
+    check_row_ops(backend, device, w, norm, n if sparsity == "1-1/n" else k)
+
+
+@pytest.mark.parametrize("norm_kind", [None, "ties", "rand"])
+@pytest.mark.parametrize("kind", ["ties", "const", "zeros", "signed_zero"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_row_heavy_ties(backend, device, dtype, kind, norm_kind):
+    shape = (37, 300)
+    w = make_weight(shape, dtype, kind=kind)
+    norm = None if norm_kind is None else make_norm(shape[1], kind=norm_kind)
+    for k in (1, 113, 150, 299):
+        check_row_ops(backend, device, w, norm, k)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_row_public_api(backend, device):
+    """prune_mask / prune_ / kth_threshold (scope="row") are thin wrappers over the row ops."""
+    w = make_weight((64, 1000), torch.bfloat16, kind="ties").to(device)
+    norm = make_norm(1000, kind="ties").to(device)
+    k = math.floor(0.6 * 1000)
+    expected = ref.stable_rank_mask(ref.score(w.cpu(), norm.cpu()), k)
+    with with_backend(backend):
+        mask = gradprobe.prune_mask(w, 0.6, norm=norm)
+        thr = gradprobe.kth_threshold(w, 0.6, norm=norm)
+        w2 = w.clone()
+        mask2 = gradprobe.prune_(w2, 0.6, norm=norm)
+        # non-contiguous weight: prune_ must write back through the view
+        wt = w.t().contiguous().t()
+        mask3 = gradprobe.prune_(wt, 0.6, norm=norm)
+    assert_masks_equal(mask, expected)
+    assert_masks_equal(mask2, expected)
+    assert_masks_equal(mask3, expected)
+    assert torch.equal(w2.cpu(), w.cpu().masked_fill(expected, 0))
+    assert torch.equal(wt.cpu(), w2.cpu())
+    thr_e, take_e, eq_e = ref.threshold_triple(ref.score(w.cpu(), norm.cpu()), k)
+    assert torch.equal(thr.value.cpu(), thr_e) and torch.equal(thr.take.cpu(), take_e)
+    assert torch.equal(thr.equal.cpu(), eq_e)
+
+
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [
+        pytest.param((4096, 4096), torch.bfloat16, id="llama-q_proj-bf16"),
+        pytest.param((11008, 4096), torch.float32, id="llama-up_proj-fp32", marks=pytest.mark.slow),
+    ],
+)
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "reference"])
+def test_row_real_llama_shapes(backend, device, shape, dtype):
+    skip_if_too_big(backend, device, shape[0] * shape[1])
+    w = make_weight(shape, dtype)
+    norm = make_norm(shape[1])
+    k = shape[1] // 2
+    with with_backend(backend):
+        mask = torch.ops.gradprobe.row_mask(w.to(device), norm.to(device), k)
+    assert_masks_equal(mask, ref.stable_rank_mask(ref.score(w, norm), k))
+
+
+@st.composite
+def tie_heavy_rows(draw):
+    rows = draw(st.integers(1, 4))
+    cols = draw(st.integers(1, 40))
+    levels = draw(st.integers(1, 5))
+    vals = draw(st.lists(st.integers(-levels, levels), min_size=rows * cols, max_size=rows * cols))
+    w = torch.tensor(vals, dtype=torch.float32).reshape(rows, cols) * 0.25
+    k = draw(st.integers(0, cols))
+    use_norm = draw(st.booleans())
+    norm = torch.tensor(draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=cols, max_size=cols)))
+    return w, (norm if use_norm else None), k
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=tie_heavy_rows())
+def test_row_property_count_and_tie_rule(backend, device, case):
+    w, norm, k = case
+    with with_backend(backend):
+        mask = torch.ops.gradprobe.row_mask(w.to(device), None if norm is None else norm.to(device), k).cpu()
+    s = ref.score(w, norm)
+    assert (mask.sum(dim=1) == k).all()
+    for i in range(w.shape[0]):
+        pruned, kept = s[i][mask[i]], s[i][~mask[i]]
+        if pruned.numel() and kept.numel():
+            assert pruned.max() <= kept.min(), "a kept score is smaller than a pruned one"
+            t = pruned.max()
+            ties = (s[i] == t).nonzero().flatten()
+            # among the scores equal to the threshold, the pruned ones come first in index order
+            assert torch.equal(mask[i][ties], torch.sort(mask[i][ties].int(), descending=True, stable=True).values.bool())
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("op", ["row_threshold", "row_mask", "row_prune_"])
+def test_row_opcheck(backend, device, op):
+    w = make_weight((5, 33), torch.float32, kind="ties").to(device)
+    norm = make_norm(33).to(device)
+    with with_backend(backend):
+        for args in ((w.clone(), norm, 11), (w.clone(), None, 0)):
+            torch.library.opcheck(getattr(torch.ops.gradprobe, op).default, args)
