@@ -26,7 +26,8 @@ def _extensions():
 
     debug = os.environ.get("DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = ["-std=c++17", "-fopenmp", *opt]
+    # -Wno-c++20-extensions: torch >= 2.13 headers use C++20 bit-field initialisers (harmless, but noisy)
+    cxx = ["-std=c++17", "-fopenmp", "-Wno-c++20-extensions", *opt]
     sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
     define_macros = []

@@ -82,12 +82,14 @@ def _cpu_model() -> str:
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def machine_info(device: str) -> dict[str, str]:
     """Machine / versions / commit fields of every CSV row for ``device`` ('cpu' or 'cuda')."""
     if device == "cuda":
@@ -164,8 +166,9 @@ def time_fn(
     """Time ``fn()`` on ``device``; ``setup()`` (if given) runs before every call, untimed.
 
     CUDA without setup: ``triton.testing.do_bench`` (warm-up 25 ms, 100 ms of reps, L2 flushed
-    before each call). CUDA with setup: the same flush and CUDA events around ``fn`` only. CPU: at
-    least ``min_reps`` calls after ``warmup`` untimed ones, more while ``budget_s`` lasts.
+    before each call). CUDA with setup: the same flush and CUDA events around ``fn`` only. CPU: ``warmup``
+    untimed calls, then timed calls until ``budget_s`` is spent and at least ``min_reps`` were made
+    (a call slower than the budget ends it sooner: at most twice the budget is spent on min_reps).
     """
     if device == "cuda":
         if setup is None:
@@ -173,19 +176,26 @@ def time_fn(
 
             med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
             return Timing(med, p20, p80, -1)
-        return _cuda_event_loop(fn, setup, warmup=max(warmup, 3), budget_s=budget_s, min_reps=min_reps, max_reps=max_reps)
+        return _cuda_event_loop(
+            fn, setup, warmup=max(warmup, 3), budget_s=budget_s, min_reps=min_reps, max_reps=max_reps
+        )
     for _ in range(warmup):
         if setup is not None:
             setup()
         fn()
     times: list[float] = []
     end = time.perf_counter() + budget_s
-    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() < end):
+    # stop once the budget is spent and min_reps calls are done; a slow call (a sort baseline) may
+    # end it earlier: min_reps is only pursued up to twice the budget
+    while True:
         if setup is not None:
             setup()
         t0 = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+        now = time.perf_counter()
+        times.append((now - t0) * 1e3)
+        if len(times) >= max_reps or (now >= end and (len(times) >= min_reps or now >= end + budget_s)):
+            break
     return _quantiles(times, len(times))
 
 
@@ -209,7 +219,7 @@ def _cuda_event_loop(fn, setup, *, warmup, budget_s, min_reps, max_reps) -> Timi
         if len(starts) % 10 == 0:
             torch.cuda.synchronize()
     torch.cuda.synchronize()
-    return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends)], len(starts))
+    return _quantiles([s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)], len(starts))
 
 
 def last_level_cache_bytes(device: str) -> int:
@@ -228,7 +238,9 @@ def last_level_cache_bytes(device: str) -> int:
     return best or 64 * 2**20
 
 
-def rotation(make: Callable[[], tuple], bytes_per_input: int, device: str, max_copies: int = 8) -> Callable[[], tuple]:
+def rotation(
+    make: Callable[[], tuple], bytes_per_input: int, device: str, max_copies: int = 8
+) -> Callable[[], tuple]:
     """Rotate over enough independent inputs (``make()`` each) that together they exceed 2x the cache.
 
     Returns a zero-argument callable giving the next input tuple; with inputs larger than the
@@ -240,18 +252,19 @@ def rotation(make: Callable[[], tuple], bytes_per_input: int, device: str, max_c
     return lambda: next(cyc)
 
 
-_COPY_BW: dict[str, float] = {}
+_COPY_BW: dict[tuple[str, int], float] = {}
+COPY_BYTES = 512 * 2**20  # far above any cache: the streaming bandwidth of the memory
 
 
-def copy_bandwidth(device: str, nbytes: int = 512 * 2**20) -> float:
+def copy_bandwidth(device: str, nbytes: int = COPY_BYTES) -> float:
     """Measured ``dst.copy_(src)`` bandwidth on ``device`` in GB/s (read + write bytes), cached per run."""
-    if device not in _COPY_BW:
+    if (device, nbytes) not in _COPY_BW:
         src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
         dst = torch.empty_like(src)
         t = time_fn(lambda: dst.copy_(src), device, warmup=2, budget_s=1.0, min_reps=5)
-        _COPY_BW[device] = 2 * nbytes / (t.median_ms * 1e-3) / 1e9
+        _COPY_BW[(device, nbytes)] = 2 * nbytes / (t.median_ms * 1e-3) / 1e9
         del src, dst
-    return _COPY_BW[device]
+    return _COPY_BW[(device, nbytes)]
 
 
 # ---- correctness -----------------------------------------------------------------------------
@@ -262,11 +275,13 @@ def check_masks_equal(actual, expected, what: str = "mask") -> None:
     if isinstance(actual, (list, tuple)):
         if len(actual) != len(expected):
             raise AssertionError(f"{what}: {len(actual)} masks, expected {len(expected)}")
-        for i, (a, e) in enumerate(zip(actual, expected)):
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
             check_masks_equal(a, e, f"{what}[{i}]")
         return
     if actual.dtype != torch.bool or actual.shape != expected.shape:
-        raise AssertionError(f"{what}: got {actual.dtype}{tuple(actual.shape)}, expected bool{tuple(expected.shape)}")
+        raise AssertionError(
+            f"{what}: got {actual.dtype}{tuple(actual.shape)}, expected bool{tuple(expected.shape)}"
+        )
     diff = actual.ne(expected.to(actual.device))
     if bool(diff.any()):
         where = diff.nonzero()[:5].tolist()
@@ -280,7 +295,9 @@ def check_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "thres
         if actual.shape != expected.shape:
             raise AssertionError(f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
         bad = (actual != expected).nonzero()[:5].flatten().tolist()
-        raise AssertionError(f"{what}: differs at {bad}: {actual.flatten()[bad].tolist()} vs {expected.flatten()[bad].tolist()}")
+        raise AssertionError(
+            f"{what}: differs at {bad}: {actual.flatten()[bad].tolist()} vs {expected.flatten()[bad].tolist()}"
+        )
 
 
 # ---- memory ----------------------------------------------------------------------------------
@@ -341,12 +358,13 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 class Bench:
     """Collects the timed cases of one bench script on one device."""
 
-    def __init__(self, name: str, device: str):
+    def __init__(self, name: str, device: str, copy_bytes: int = COPY_BYTES):
         self.name = name
         self.device = device
         self.rows: list[Row] = []
-        self.copy_bw = copy_bandwidth(device)
+        self.copy_bw = copy_bandwidth(device, copy_bytes)
         self.timestamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.loadavg = os.getloadavg()[0]  # others' load on a shared machine makes CPU timings noisy
 
     def run(
         self,
@@ -396,11 +414,24 @@ class Bench:
         a, b = self.get(problem, slow_case), self.get(problem, fast_case)
         return None if a is None or b is None else a.timing.median_ms / b.timing.median_ms
 
-    def table(self, vs: str | None = None) -> str:
-        """Markdown table of every row; ``vs`` = the case each problem's speedups are relative to."""
-        head = ["problem", "implementation", "mode", "backend", "median ms", "p20-p80 ms", "GB/s", "% copy BW"]
+    def table(self, vs: str | dict[str, str] | None = None) -> str:
+        """Markdown table of every row with a speedup column.
+
+        ``vs``: the case each problem's speedups are relative to, or ``{mode: case}`` to compare each
+        row with the baseline that produces the same output (threshold vs threshold, mask vs mask).
+        """
+        head = [
+            "problem",
+            "implementation",
+            "mode",
+            "backend",
+            "median ms",
+            "p20-p80 ms",
+            "GB/s",
+            "% copy BW",
+        ]
         if vs:
-            head.append(f"speedup vs {vs}")
+            head.append(f"speedup vs {vs}" if isinstance(vs, str) else "speedup vs same-output baseline")
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
             cells = [
@@ -414,7 +445,8 @@ class Bench:
                 f"{r.pct_copy:.0f}%",
             ]
             if vs:
-                ref = self.get(r.problem, vs)
+                base = vs if isinstance(vs, str) else vs.get(r.mode)
+                ref = self.get(r.problem, base) if base else None
                 cells.append(f"{ref.timing.median_ms / r.timing.median_ms:.1f}x" if ref else "-")
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
@@ -424,7 +456,7 @@ class Bench:
         return (
             f"{self.name} on {m['machine']} ({m['cores']} cores, {m['threads']} threads), torch {m['torch_version']}, "
             f"triton {m['triton_version'] or '-'}, commit {m['git_sha']}, {self.timestamp}; "
-            f"measured copy bandwidth {self.copy_bw:.1f} GB/s"
+            f"measured copy bandwidth {self.copy_bw:.1f} GB/s, load average {self.loadavg:.2f}"
         )
 
     def save_csv(self, path: pathlib.Path | None = None) -> pathlib.Path:
@@ -457,7 +489,14 @@ class Bench:
                         **m,
                         "gradprobe_backend": r.backend,
                         "timestamp": self.timestamp,
-                        "extra_benchmark_config_str": json.dumps({"reps": r.timing.reps, "bytes": r.nbytes, **r.extra}),
+                        "extra_benchmark_config_str": json.dumps(
+                            {
+                                "reps": r.timing.reps,
+                                "bytes": r.nbytes,
+                                "loadavg_1m": round(self.loadavg, 2),
+                                **r.extra,
+                            }
+                        ),
                     }
                 )
         return path
@@ -468,4 +507,6 @@ def target_line(label: str, value: float | None, goal: float, *, at_most: bool =
     if value is None:
         return f"- {label}: not measured (target {'<=' if at_most else '>='} {goal:g}x)"
     ok = value <= goal if at_most else value >= goal
-    return f"- {label}: {value:.1f}x (target {'<=' if at_most else '>='} {goal:g}x) {'PASS' if ok else 'MISS'}"
+    return (
+        f"- {label}: {value:.1f}x (target {'<=' if at_most else '>='} {goal:g}x) {'PASS' if ok else 'MISS'}"
+    )

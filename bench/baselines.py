@@ -70,7 +70,9 @@ def row_kthvalue_mask(weight: torch.Tensor, norm: torch.Tensor | None, k: int) -
     return s <= torch.kthvalue(s, k, dim=-1)[0][:, None]
 
 
-def row_block_sort_mask(weight: torch.Tensor, norm: torch.Tensor | None, k_block: int, block: int = BLOCK) -> torch.Tensor:
+def row_block_sort_mask(
+    weight: torch.Tensor, norm: torch.Tensor | None, k_block: int, block: int = BLOCK
+) -> torch.Tensor:
     """Per-row, per-``block``-column sort: each (row, block) prunes its ``k_block`` smallest, ties to the lower index.
 
     A different grouping (groups of ``block`` scores, as SparseGPT-style blockwise masking sorts
@@ -109,7 +111,9 @@ def global_concat_kthvalue_threshold(
 
     Memory: the fp32 concatenation (4 bytes per score) plus kthvalue's own working copy.
     """
-    flat = torch.cat([score(w, None if norms is None else norms[i]).reshape(-1) for i, w in enumerate(weights)])
+    flat = torch.cat(
+        [score(w, None if norms is None else norms[i]).reshape(-1) for i, w in enumerate(weights)]
+    )
     return torch.kthvalue(flat, k)[0]
 
 

@@ -61,7 +61,9 @@ def problem_bytes(w: torch.Tensor, norm, mode: str) -> int:
     }[mode]
 
 
-def bench_problem(b: H.Bench, w: torch.Tensor, norm, label: str, baselines=BASELINES, budget_s: float = 2.0) -> None:
+def bench_problem(
+    b: H.Bench, w: torch.Tensor, norm, label: str, baselines=BASELINES, budget_s: float = 2.0
+) -> None:
     """Check then time every implementation on one (W, norm) problem; rows go into ``b``."""
     dev = b.device
     k = num_pruned(w.shape[1], SPARSITY)
@@ -84,13 +86,23 @@ def bench_problem(b: H.Bench, w: torch.Tensor, norm, label: str, baselines=BASEL
     b.run(
         "gradprobe.prune_mask",
         one(lambda x, n: gradprobe.prune_mask(x, SPARSITY, norm=n)),
-        problem=label, dtype=w.dtype, nbytes=nb("mask"), mode="mask", backend=backend, budget_s=budget_s,
+        problem=label,
+        dtype=w.dtype,
+        nbytes=nb("mask"),
+        mode="mask",
+        backend=backend,
+        budget_s=budget_s,
         check=check_mask(lambda x, n: gradprobe.prune_mask(x, SPARSITY, norm=n), "gradprobe.prune_mask"),
     )
 
     # in place: each timed call gets a restored copy; the copy used last is restored after it, so
     # the one being timed was written copies-1 calls ago (not cache-resident)
-    pool = [w.clone() for _ in range(max(1, min(4, -(-2 * H.last_level_cache_bytes(dev) // (w.numel() * w.element_size())))))]
+    pool = [
+        w.clone()
+        for _ in range(
+            max(1, min(4, -(-2 * H.last_level_cache_bytes(dev) // (w.numel() * w.element_size()))))
+        )
+    ]
     state = {"i": -1}
 
     def setup():
@@ -108,8 +120,14 @@ def bench_problem(b: H.Bench, w: torch.Tensor, norm, label: str, baselines=BASEL
     b.run(
         "gradprobe.prune_",
         lambda: gradprobe.prune_(pool[state["i"]], SPARSITY, norm=norm),
-        problem=label, dtype=w.dtype, nbytes=nb("inplace"), mode="inplace", backend=H.backend_for("row_prune_", dev),
-        setup=setup, check=check_inplace, budget_s=budget_s,
+        problem=label,
+        dtype=w.dtype,
+        nbytes=nb("inplace"),
+        mode="inplace",
+        backend=H.backend_for("row_prune_", dev),
+        setup=setup,
+        check=check_inplace,
+        budget_s=budget_s,
     )
 
     def check_thr():
@@ -120,15 +138,26 @@ def bench_problem(b: H.Bench, w: torch.Tensor, norm, label: str, baselines=BASEL
     b.run(
         "gradprobe.kth_threshold",
         one(lambda x, n: gradprobe.kth_threshold(x, SPARSITY, norm=n)),
-        problem=label, dtype=w.dtype, nbytes=nb("threshold"), mode="threshold",
-        backend=H.backend_for("row_threshold", dev), check=check_thr, budget_s=budget_s,
+        problem=label,
+        dtype=w.dtype,
+        nbytes=nb("threshold"),
+        mode="threshold",
+        backend=H.backend_for("row_threshold", dev),
+        check=check_thr,
+        budget_s=budget_s,
     )
 
     if "sort" in baselines:
         b.run(
             "torch.sort+scatter (Wanda)",
             one(lambda x, n: bl.row_sort_mask(x, n, k)),
-            problem=label, dtype=w.dtype, nbytes=nb("mask"), mode="mask", min_reps=2, warmup=0, budget_s=budget_s,
+            problem=label,
+            dtype=w.dtype,
+            nbytes=nb("mask"),
+            mode="mask",
+            min_reps=2,
+            warmup=0,
+            budget_s=budget_s,
             check=check_mask(lambda x, n: bl.row_sort_mask(x, n, k), "row_sort_mask"),
         )
     if "topk" in baselines:
@@ -136,20 +165,34 @@ def bench_problem(b: H.Bench, w: torch.Tensor, norm, label: str, baselines=BASEL
         def check_topk():
             m = bl.row_topk_mask(w, norm, k)
             H.check_equal(m.sum(1), torch.full((w.shape[0],), k, device=dev), "topk count")
-            H.check_masks_equal(m & (s < thr[:, None]), s < thr[:, None], "topk keeps every score below the k-th")
+            H.check_masks_equal(
+                m & (s < thr[:, None]), s < thr[:, None], "topk keeps every score below the k-th"
+            )
             H.check_equal(bl.row_topk_threshold(w, norm, k), thr, "topk threshold")
 
         b.run(
             "torch.topk+scatter",
             one(lambda x, n: bl.row_topk_mask(x, n, k)),
-            problem=label, dtype=w.dtype, nbytes=nb("mask"), mode="mask", min_reps=2, warmup=0, budget_s=budget_s,
+            problem=label,
+            dtype=w.dtype,
+            nbytes=nb("mask"),
+            mode="mask",
+            min_reps=2,
+            warmup=0,
+            budget_s=budget_s,
             check=check_topk,
         )
     if "kthvalue" in baselines:
         b.run(
             "torch.kthvalue + <=",
             one(lambda x, n: bl.row_kthvalue_mask(x, n, k)),
-            problem=label, dtype=w.dtype, nbytes=nb("mask"), mode="mask", min_reps=2, warmup=0, budget_s=budget_s,
+            problem=label,
+            dtype=w.dtype,
+            nbytes=nb("mask"),
+            mode="mask",
+            min_reps=2,
+            warmup=0,
+            budget_s=budget_s,
             check=lambda: H.check_equal(bl.row_kthvalue_threshold(w, norm, k), thr, "kthvalue threshold"),
         )
     if "block128" in baselines and w.shape[1] % bl.BLOCK == 0:
@@ -157,7 +200,13 @@ def bench_problem(b: H.Bench, w: torch.Tensor, norm, label: str, baselines=BASEL
         b.run(
             "128-col block sort (other groups)",
             one(lambda x, n: bl.row_block_sort_mask(x, n, kb)),
-            problem=label, dtype=w.dtype, nbytes=nb("mask"), mode="mask", min_reps=2, warmup=0, budget_s=budget_s,
+            problem=label,
+            dtype=w.dtype,
+            nbytes=nb("mask"),
+            mode="mask",
+            min_reps=2,
+            warmup=0,
+            budget_s=budget_s,
             check=lambda: H.check_masks_equal(
                 bl.row_block_sort_mask(w, norm, kb),
                 ref.stable_rank_mask(s.reshape(-1, bl.BLOCK), kb).reshape(w.shape),
@@ -169,26 +218,42 @@ def bench_problem(b: H.Bench, w: torch.Tensor, norm, label: str, baselines=BASEL
 
         def check_layer():
             t = gradprobe.kth_threshold(w, SPARSITY, norm=norm, scope="layer")
-            H.check_equal(t.value, bl.flat_kthvalue_threshold(w, norm, kl), "layer threshold vs flat kthvalue")
+            H.check_equal(
+                t.value, bl.flat_kthvalue_threshold(w, norm, kl), "layer threshold vs flat kthvalue"
+            )
 
         b.run(
             "gradprobe.prune_mask(scope=layer)",
             one(lambda x, n: gradprobe.prune_mask(x, SPARSITY, norm=n, scope="layer")),
-            problem=label, dtype=w.dtype, nbytes=nb("mask"), mode="mask", backend=H.backend_for("global_threshold", dev),
-            check=check_layer, budget_s=budget_s,
+            problem=label,
+            dtype=w.dtype,
+            nbytes=nb("mask"),
+            mode="mask",
+            backend=H.backend_for("global_threshold", dev),
+            check=check_layer,
+            budget_s=budget_s,
         )
         b.run(
             "flat torch.kthvalue + <= (layer)",
             one(lambda x, n: bl.flat_kthvalue_mask(x, n, kl)),
-            problem=label, dtype=w.dtype, nbytes=nb("mask"), mode="mask", min_reps=2, warmup=0, budget_s=budget_s,
+            problem=label,
+            dtype=w.dtype,
+            nbytes=nb("mask"),
+            mode="mask",
+            min_reps=2,
+            warmup=0,
+            budget_s=budget_s,
         )
     if "sum" in baselines:
         b.run(
             "torch.sum (one read, floor)",
             one(lambda x, n: bl.sum_pass(x)),
-            problem=label, dtype=w.dtype, nbytes=nb("floor"), mode="floor", budget_s=budget_s,
+            problem=label,
+            dtype=w.dtype,
+            nbytes=nb("floor"),
+            mode="floor",
+            budget_s=budget_s,
         )
-    del inputs, pool
 
 
 def targets(b: H.Bench, label: str) -> list[str]:
@@ -204,14 +269,22 @@ def targets(b: H.Bench, label: str) -> list[str]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--shapes", default="default", choices=["default", "llama"],
-                   help="default: --shape in --dtypes; llama: every distinct Llama/Mistral linear shape in bf16")
+    p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
+    )
+    p.add_argument(
+        "--shapes",
+        default="default",
+        choices=["default", "llama"],
+        help="default: --shape in --dtypes; llama: every distinct Llama/Mistral linear shape in bf16",
+    )
     p.add_argument("--shape", default="4096x11008", help="OUTxIN for --shapes default")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--no-norm", action="store_true", help="magnitude scores (no Wanda norm)")
     p.add_argument("--baselines", default=",".join(BASELINES), help=f"comma list of {BASELINES} (or 'none')")
-    p.add_argument("--budget", type=float, default=2.0, help="seconds of timed reps per case (CPU / setup cases)")
+    p.add_argument(
+        "--budget", type=float, default=2.0, help="seconds of timed reps per case (CPU / setup cases)"
+    )
     p.add_argument("--no-csv", action="store_true")
     a = p.parse_args(argv)
     baselines = () if a.baselines == "none" else tuple(x for x in a.baselines.split(",") if x)
@@ -222,11 +295,15 @@ def main(argv=None) -> None:
     b = H.Bench("row_select", a.device)
     print(b.header(), flush=True)
     if a.shapes == "llama":
-        problems = [(o, i, torch.bfloat16, f"{o}x{i} bf16 ({names[0]}{' +' if len(names) > 1 else ''})")
-                    for (o, i), names in distinct_shapes()]
+        problems = [
+            (o, i, torch.bfloat16, f"{o}x{i} bf16 ({names[0]}{' +' if len(names) > 1 else ''})")
+            for (o, i), names in distinct_shapes()
+        ]
     else:
         o, i = (int(x) for x in a.shape.lower().split("x"))
-        problems = [(o, i, DTYPES[d], f"{o}x{i} {d}{'' if a.no_norm else ' norm'}") for d in a.dtypes.split(",")]
+        problems = [
+            (o, i, DTYPES[d], f"{o}x{i} {d}{'' if a.no_norm else ' norm'}") for d in a.dtypes.split(",")
+        ]
     for o, i, dt, label in problems:
         w, norm = make_problem(o, i, dt, a.device, not a.no_norm)
         bench_problem(b, w, norm, label, baselines, a.budget)
@@ -264,7 +341,9 @@ if pytest is not None:
             H.check_masks_equal(out, ref.row_mask(w, norm, k), impl)
         elif impl != "torch.sum":
             thr = ref.row_threshold(w, norm, k)[0]
-            H.check_masks_equal(out & (ref.score(w, norm) < thr[:, None]), ref.score(w, norm) < thr[:, None], impl)
+            H.check_masks_equal(
+                out & (ref.score(w, norm) < thr[:, None]), ref.score(w, norm) < thr[:, None], impl
+            )
         benchmark.group = f"row_select {PYTEST_SHAPE[0]}x{PYTEST_SHAPE[1]} {dtype}"
         benchmark(fn, w, norm, k)
 

@@ -85,6 +85,8 @@ def model_linear_shapes(model: str, layers: int | None = None) -> list[tuple[str
 
 if __name__ == "__main__":
     for m in MODELS.values():
-        print(f"{m.name}: {m.layers} layers, {m.layer_numel / 1e6:.1f}M/layer, {m.model_numel / 1e9:.2f}B linear weights")
+        print(
+            f"{m.name}: {m.layers} layers, {m.layer_numel / 1e6:.1f}M/layer, {m.model_numel / 1e9:.2f}B linear weights"
+        )
         for lin, (o, i) in m.linears.items():
             print(f"  {lin:10s} ({o}, {i})")

@@ -62,7 +62,14 @@ constexpr uint32_t kGlobBuckets1 = 1u << 15, kGlobBuckets2 = 1u << 16;
 // and subtract from r the count of everything in lower buckets.
 template <typename C>
 inline uint32_t find_bucket(const C* hist, uint32_t nb, int64_t& r) {
-  for (uint32_t b = 0; b < nb; ++b) {
+  uint32_t b = 0;
+  for (; b + 16 <= nb; b += 16) {  // skip whole blocks of 16 buckets (a vectorised sum each)
+    int64_t s = 0;
+    for (uint32_t i = 0; i < 16; ++i) s += static_cast<int64_t>(hist[b + i]);
+    if (r < s) break;
+    r -= s;
+  }
+  for (; b < nb; ++b) {
     const int64_t c = static_cast<int64_t>(hist[b]);
     if (r < c) return b;
     r -= c;

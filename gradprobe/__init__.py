@@ -6,6 +6,7 @@ Public API (tensor level): :func:`prune_mask`, :func:`prune_`, :func:`global_pru
 """
 
 from gradprobe import ops  # noqa: F401  (defines the gradprobe:: ops on import)
+from gradprobe.pack import pack_24, unpack_24
 from gradprobe.select import (
     Threshold,
     global_prune_,
@@ -16,16 +17,20 @@ from gradprobe.select import (
 )
 from gradprobe.config import PruneConfig  # noqa: E402
 from gradprobe.api import prune  # noqa: E402
+from gradprobe.probe import probe_prune_  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PruneConfig",
     "prune",
+    "probe_prune_",
     "Threshold",
     "global_prune_",
     "global_prune_masks",
     "kth_threshold",
+    "pack_24",
     "prune_",
     "prune_mask",
+    "unpack_24",
 ]

@@ -54,7 +54,9 @@ def prune(
     elif overrides:
         config = config.replace(**overrides)
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
-        raise TypeError(f"model must be a loaded Hugging Face model (nn.Module with .config), got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a loaded Hugging Face model (nn.Module with .config), got {type(model).__name__}"
+        )
     from gradprobe.models import get_adapter
 
     get_adapter(model)  # unknown family -> ValueError before anything else
@@ -62,6 +64,11 @@ def prune(
     if config.method == "wanda" and batches is not None and not isinstance(batches, torch.Tensor):
         from gradprobe.data import calibration_batches
 
-        batches = calibration_batches(batches, source=config.calib_source, nsamples=config.nsamples,
-                                      seqlen=config.seqlen, seed=config.seed)
+        batches = calibration_batches(
+            batches,
+            source=config.calib_source,
+            nsamples=config.nsamples,
+            seqlen=config.seqlen,
+            seed=config.seed,
+        )
     return LayerwisePruner(model, config, batches, resume_dir=resume_dir, callback=callback).run()

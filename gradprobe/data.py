@@ -15,7 +15,6 @@ Sources (``source`` argument):
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -65,7 +64,11 @@ def _hub_text(name: str, split: str) -> str:
             ds = ds.select(range(min(1100, len(ds))))  # Wanda evaluates on the first 1100 documents
         return "\n\n".join(ds["text"])
     except (ConnectionError, OSError, ValueError) as exc:
-        offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "").strip() in ("1", "true", "TRUE", "True")]
+        offline = [
+            v
+            for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+            if os.environ.get(v, "").strip() in ("1", "true", "TRUE", "True")
+        ]
         hint = (
             f" ({' and '.join(offline)} set: the hub is not contacted; unset it or pre-download the data set)"
             if offline
@@ -107,7 +110,9 @@ def load_text(source=None, *, split: str = "train", purpose: str = "calibration"
 
 def _tokenize(tokenizer, text: str) -> torch.Tensor:
     if not callable(tokenizer):
-        raise TypeError(f"tokenizer must be a Hugging Face tokenizer (callable), got {type(tokenizer).__name__}")
+        raise TypeError(
+            f"tokenizer must be a Hugging Face tokenizer (callable), got {type(tokenizer).__name__}"
+        )
     # verbose=False: a whole corpus is longer than model_max_length on purpose; we cut windows ourselves
     ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
@@ -178,5 +183,7 @@ def eval_ids(tokenizer, source=None, split: str = "test") -> torch.Tensor:
     """
     ids = _tokenize(tokenizer, load_text(source, split=split, purpose="eval"))
     if ids.numel() < 2:
-        raise ValueError(f"the evaluation text of source={describe_source(source, purpose='eval')!r} has fewer than 2 tokens")
+        raise ValueError(
+            f"the evaluation text of source={describe_source(source, purpose='eval')!r} has fewer than 2 tokens"
+        )
     return ids

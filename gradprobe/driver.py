@@ -77,7 +77,9 @@ class Calibration:
             )
         return self._kwargs[key]
 
-    def run_layer(self, layer: nn.Module, layer_idx: int, src: torch.Tensor, dst: torch.Tensor | None) -> None:
+    def run_layer(
+        self, layer: nn.Module, layer_idx: int, src: torch.Tensor, dst: torch.Tensor | None
+    ) -> None:
         """dst[b] = layer(src[b]) for every batch of windows; ``dst=None`` discards outputs."""
         for b0 in range(0, src.shape[0], self.batch_size):
             x = src[b0 : b0 + self.batch_size]
@@ -89,22 +91,31 @@ class Calibration:
 def check_batches(batches: Any, vocab_size: int | None) -> torch.Tensor:
     """Validate calibration token ids: an integer tensor (nsamples, seqlen), non-empty, ids in range."""
     if not isinstance(batches, torch.Tensor):
-        raise TypeError(f"calibration batches must be an int64 tensor (nsamples, seqlen) or a tokenizer, got {type(batches).__name__}")
+        raise TypeError(
+            f"calibration batches must be an int64 tensor (nsamples, seqlen) or a tokenizer, got {type(batches).__name__}"
+        )
     if batches.dtype.is_floating_point or batches.dtype.is_complex or batches.dtype == torch.bool:
         raise TypeError(f"calibration batches must hold integer token ids (int64), got {batches.dtype}")
     if batches.dim() != 2:
-        raise ValueError(f"calibration batches must be 2-D (nsamples, seqlen), got shape {tuple(batches.shape)}")
+        raise ValueError(
+            f"calibration batches must be 2-D (nsamples, seqlen), got shape {tuple(batches.shape)}"
+        )
     if batches.numel() == 0:
-        raise ValueError(f"calibration batches are empty (shape {tuple(batches.shape)}); give at least one window of >= 1 token")
+        raise ValueError(
+            f"calibration batches are empty (shape {tuple(batches.shape)}); give at least one window of >= 1 token"
+        )
     lo, hi = int(batches.min()), int(batches.max())
     if lo < 0 or (vocab_size is not None and hi >= vocab_size):
-        raise ValueError(f"calibration token ids must be in [0, vocab_size={vocab_size}), got range [{lo}, {hi}]")
+        raise ValueError(
+            f"calibration token ids must be in [0, vocab_size={vocab_size}), got range [{lo}, {hi}]"
+        )
     return batches.to(torch.int64)
 
 
 @torch.no_grad()
-def capture_calibration(model: nn.Module, batches: torch.Tensor, config: PruneConfig,
-                        adapter: ModelAdapter | None = None) -> Calibration:
+def capture_calibration(
+    model: nn.Module, batches: torch.Tensor, config: PruneConfig, adapter: ModelAdapter | None = None
+) -> Calibration:
     """Embed ``batches`` (nsamples, seqlen) int64 into the layer-0 inputs on ``config.device``.
 
     Only the embedding runs (on its own device); the result is (nsamples, seqlen, hidden) in the
@@ -135,15 +146,18 @@ class TensorContext:
     stats: ChannelStats | None = None
 
 
-def default_mask_fn(weight: torch.Tensor, norm: torch.Tensor | None, sparsity: float | None,
-                    ctx: TensorContext) -> torch.Tensor:
+def default_mask_fn(
+    weight: torch.Tensor, norm: torch.Tensor | None, sparsity: float | None, ctx: TensorContext
+) -> torch.Tensor:
     """Built-in select-and-prune: :func:`gradprobe.prune_` with the config's scope / structure."""
     if ctx.config.structure is not None:
         return prune_(weight, None, norm=norm, structure=ctx.config.structure)
     return prune_(weight, sparsity, norm=norm, scope=ctx.config.scope)
 
 
-def resolve_sparsity(config: PruneConfig, names: list[tuple[int, str]], num_layers: int) -> dict[tuple[int, str], float | None]:
+def resolve_sparsity(
+    config: PruneConfig, names: list[tuple[int, str]], num_layers: int
+) -> dict[tuple[int, str], float | None]:
     """Target sparsity of every (layer index, tensor name), fixed before the loop.
 
     lm_head has layer index ``num_layers``. A per-layer list needs ``num_layers`` entries (one more
@@ -155,12 +169,17 @@ def resolve_sparsity(config: PruneConfig, names: list[tuple[int, str]], num_laye
     s = config.sparsity
     out: dict[tuple[int, str], float | None] = {}
     if isinstance(s, tuple) and len(s) != n_expected:
-        raise ValueError(f"PruneConfig.sparsity has {len(s)} entries but the model has {num_layers} decoder layers"
-                         + (" (+1 for lm_head)" if has_head else "") + f"; give {n_expected}")
+        raise ValueError(
+            f"PruneConfig.sparsity has {len(s)} entries but the model has {num_layers} decoder layers"
+            + (" (+1 for lm_head)" if has_head else "")
+            + f"; give {n_expected}"
+        )
     if isinstance(s, dict):
         bad = [k for k in s if k >= n_expected]
         if bad:
-            raise ValueError(f"PruneConfig.sparsity has layer indices {bad} but the model has layers 0..{n_expected - 1}")
+            raise ValueError(
+                f"PruneConfig.sparsity has layer indices {bad} but the model has layers 0..{n_expected - 1}"
+            )
     for i, name in names:
         if config.structure is not None:
             v: float | None = None
@@ -219,8 +238,13 @@ class ResumeState:
                 )
             self.state = state
         else:
-            self.state = {"version": STATE_VERSION, "identity": identity, "checksums": checksums,
-                          "finished": {}, "complete": False}
+            self.state = {
+                "version": STATE_VERSION,
+                "identity": identity,
+                "checksums": checksums,
+                "finished": {},
+                "complete": False,
+            }
 
     def finished(self, i: int) -> bool:
         return str(i) in self.state["finished"]
@@ -236,7 +260,9 @@ class ResumeState:
 
         return load_file(str(self.dir / f"{kind}_{i:04d}.safetensors"))
 
-    def mark(self, kind: str, i: int, tensors: dict[str, torch.Tensor], rows: list[TensorRow], seconds: float) -> None:
+    def mark(
+        self, kind: str, i: int, tensors: dict[str, torch.Tensor], rows: list[TensorRow], seconds: float
+    ) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         _atomic_save_tensors(self.dir / f"{kind}_{i:04d}.safetensors", tensors)
         self.state["finished"][str(i)] = {"rows": [r.to_dict() for r in rows], "seconds": seconds}
@@ -268,9 +294,18 @@ class ResumeState:
 # --------------------------------------------------------------------------------------------------
 # the driver
 # --------------------------------------------------------------------------------------------------
-def _row(i: int, name: str, w: torch.Tensor, mask: torch.Tensor, target: float | None, secs: float) -> TensorRow:
-    return TensorRow(layer=i, name=name, shape=(int(w.shape[0]), int(w.shape[1])), numel=w.numel(),
-                     pruned=int(mask.sum()), target=target, seconds=secs)
+def _row(
+    i: int, name: str, w: torch.Tensor, mask: torch.Tensor, target: float | None, secs: float
+) -> TensorRow:
+    return TensorRow(
+        layer=i,
+        name=name,
+        shape=(int(w.shape[0]), int(w.shape[1])),
+        numel=w.numel(),
+        pruned=int(mask.sum()),
+        target=target,
+        seconds=secs,
+    )
 
 
 def _batches_digest(batches: torch.Tensor | None) -> str | None:
@@ -285,9 +320,14 @@ class LayerwisePruner:
     All validation happens in ``__init__``; :meth:`run` is the only method that modifies the model.
     """
 
-    def __init__(self, model: nn.Module, config: PruneConfig, batches: torch.Tensor | None,
-                 resume_dir: str | os.PathLike | None = None,
-                 callback: Callable[[int, list[TensorRow]], None] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PruneConfig,
+        batches: torch.Tensor | None,
+        resume_dir: str | os.PathLike | None = None,
+        callback: Callable[[int, list[TensorRow]], None] | None = None,
+    ):
         self.model, self.config, self.callback = model, config, callback
         self.adapter = get_adapter(model)
         self.layers = self.adapter.decoder_layers(model)
@@ -302,8 +342,10 @@ class LayerwisePruner:
             if head is None:
                 raise ValueError("PruneConfig.include_lm_head=True but the model has no lm_head")
             if self.adapter.lm_head_tied(model):
-                raise ValueError("PruneConfig.include_lm_head=True but lm_head is tied to the input embeddings "
-                                 "(pruning it would prune embed_tokens too); untie it or leave include_lm_head=False")
+                raise ValueError(
+                    "PruneConfig.include_lm_head=True but lm_head is tied to the input embeddings "
+                    "(pruning it would prune embed_tokens too); untie it or leave include_lm_head=False"
+                )
             self.groups[self.num_layers] = {LM_HEAD: head}
         names = [(i, n) for i, g in self.groups.items() for n in g]
         self.targets = resolve_sparsity(config, names, self.num_layers)
@@ -311,14 +353,18 @@ class LayerwisePruner:
             m = config.nm[1]
             for (i, n), lin in ((k, self.groups[k[0]][k[1]]) for k in names):
                 if lin.in_features % m:
-                    raise ValueError(f"structure={config.structure!r} needs in_features divisible by {m}; "
-                                     f"layer {i} {n} has in_features={lin.in_features}")
+                    raise ValueError(
+                        f"structure={config.structure!r} needs in_features divisible by {m}; "
+                        f"layer {i} {n} has in_features={lin.in_features}"
+                    )
         if config.scope == "global" and config.mask_fn is not None:
             raise ValueError("PruneConfig.mask_fn is per tensor and cannot be combined with scope='global'")
         self.wanda = config.method == "wanda"
         if self.wanda:
             if batches is None:
-                raise ValueError("method='wanda' needs calibration batches (int64 (nsamples, seqlen)) or a tokenizer")
+                raise ValueError(
+                    "method='wanda' needs calibration batches (int64 (nsamples, seqlen)) or a tokenizer"
+                )
             batches = check_batches(batches, getattr(model.config, "vocab_size", None))
         self.batches = batches if self.wanda else None
         self.mask_fn = config.mask_fn or default_mask_fn
@@ -329,10 +375,16 @@ class LayerwisePruner:
                 "config": config.fingerprint(),
                 "model_type": model.config.model_type,
                 "num_layers": self.num_layers,
-                "shapes": {f"{i}.{n}": list(lin.weight.shape) for i, g in self.groups.items() for n, lin in g.items()},
+                "shapes": {
+                    f"{i}.{n}": list(lin.weight.shape) for i, g in self.groups.items() for n, lin in g.items()
+                },
                 "batches_sha256": _batches_digest(self.batches),
             }
-            checksums = {f"{i}.{n}": _sample_checksum(lin.weight) for i, g in self.groups.items() for n, lin in g.items()}
+            checksums = {
+                f"{i}.{n}": _sample_checksum(lin.weight)
+                for i, g in self.groups.items()
+                for n, lin in g.items()
+            }
             self.resume = ResumeState(resume_dir, identity, checksums)
             self.resume.check_model(self.groups)
 
@@ -342,14 +394,20 @@ class LayerwisePruner:
 
         return tqdm(total=total, desc=desc, unit="layer", disable=not self.config.progress)
 
-    def _prune_group(self, i: int, norms: dict[str, torch.Tensor] | None,
-                     stats: dict[str, ChannelStats] | None) -> list[TensorRow]:
+    def _prune_group(
+        self, i: int, norms: dict[str, torch.Tensor] | None, stats: dict[str, ChannelStats] | None
+    ) -> list[TensorRow]:
         rows = []
         for name, lin in self.groups[i].items():
             target = self.targets[(i, name)]
             norm = None if norms is None else norms[name].to(lin.weight.device)
-            ctx = TensorContext(layer_idx=i, name=name, config=self.config, module=lin,
-                                stats=None if stats is None else stats[name])
+            ctx = TensorContext(
+                layer_idx=i,
+                name=name,
+                config=self.config,
+                module=lin,
+                stats=None if stats is None else stats[name],
+            )
             t0 = time.perf_counter()
             mask = self.mask_fn(lin.weight.data, norm, target, ctx)
             rows.append(_row(i, name, lin.weight, mask, target, time.perf_counter() - t0))
@@ -360,8 +418,14 @@ class LayerwisePruner:
         for name, lin in self.groups[i].items():
             lin.weight.data.copy_(saved[name].to(lin.weight.device, lin.weight.dtype))
 
-    def _finish_layer(self, i: int, rows: list[TensorRow], secs: float, kind: str = "layer",
-                      tensors: dict[str, torch.Tensor] | None = None) -> None:
+    def _finish_layer(
+        self,
+        i: int,
+        rows: list[TensorRow],
+        secs: float,
+        kind: str = "layer",
+        tensors: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         if self.resume is not None:
             if tensors is None:
                 tensors = {n: lin.weight for n, lin in self.groups[i].items()}
@@ -396,18 +460,29 @@ class LayerwisePruner:
                 rows = self._run_sequential(layer_seconds, resumed)
         finally:
             self.model.train(was_training)
-        n, L = (tuple(self.batches.shape) if self.batches is not None else (0, 0))
-        return PruneReport(rows=rows, config=self.config, layer_seconds=layer_seconds, nsamples=n, seqlen=L,
-                           seconds=time.perf_counter() - t_start, model_type=self.model.config.model_type,
-                           resumed_layers=resumed)
+        n, L = tuple(self.batches.shape) if self.batches is not None else (0, 0)
+        return PruneReport(
+            rows=rows,
+            config=self.config,
+            layer_seconds=layer_seconds,
+            nsamples=n,
+            seqlen=L,
+            seconds=time.perf_counter() - t_start,
+            model_type=self.model.config.model_type,
+            resumed_layers=resumed,
+        )
 
     def _run_sequential(self, layer_seconds: dict[int, float], resumed: list[int]) -> list[TensorRow]:
         dev = torch.device(self.config.device)
         rows: list[TensorRow] = []
-        calib = capture_calibration(self.model, self.batches, self.config, self.adapter) if self.wanda else None
+        calib = (
+            capture_calibration(self.model, self.batches, self.config, self.adapter) if self.wanda else None
+        )
         inps = calib.inputs if calib is not None else None
         outs = torch.empty_like(inps) if inps is not None else None
-        bar = self._progress(len(self.groups), f"{self.config.method} {self.config.structure or self.config.scope}")
+        bar = self._progress(
+            len(self.groups), f"{self.config.method} {self.config.structure or self.config.scope}"
+        )
         for i, layer in enumerate(self.layers):
             t0 = time.perf_counter()
             orig = next(layer.parameters()).device
@@ -492,10 +567,14 @@ class LayerwisePruner:
             del calib, inps, outs
         keys = [(i, n) for i, g in self.groups.items() for n in g]
         weights = [self.groups[i][n].weight.data for i, n in keys]
-        norms = [all_norms[k].to(w.device) for k, w in zip(keys, weights)] if self.wanda else None
+        norms = (
+            [all_norms[k].to(w.device) for k, w in zip(keys, weights, strict=True)] if self.wanda else None
+        )
         t0 = time.perf_counter()
         masks = global_prune_(weights, self.config.sparsity, norms=norms)
         secs = time.perf_counter() - t0
         total = sum(w.numel() for w in weights)
-        return [_row(i, n, w, m, self.config.sparsity, secs * w.numel() / total)
-                for (i, n), w, m in zip(keys, weights, masks)]
+        return [
+            _row(i, n, w, m, self.config.sparsity, secs * w.numel() / total)
+            for (i, n), w, m in zip(keys, weights, masks, strict=True)
+        ]

@@ -77,11 +77,11 @@ def cache_dir() -> Path:
 # Wikitext stripping after the regex approach of gensim.corpora.wikicorpus.filter_wiki
 # (https://github.com/piskvorky/gensim/blob/4.4.0/gensim/corpora/wikicorpus.py), simplified.
 _RE_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_RE_MATH = re.compile(r"<math[^>]*>.*?</math>", re.S | re.I)
 _RE_REF = re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.S | re.I)
 _RE_TAG = re.compile(r"<[^>]+>")
 _RE_TABLE = re.compile(r"\{\|.*?\|\}", re.S)
-_RE_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
-_RE_FILE_LINK = re.compile(r"\[\[(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):[^\[\]]*(?:\[\[[^\[\]]*\]\][^\[\]]*)*\]\]", re.I)
+_RE_FILE_LINK_START = re.compile(r"\[\[\s*(?:File|Image|Category|Media|[a-z]{2,3}(?:-[a-z]+)?)\s*:", re.I)
 _RE_LINK = re.compile(r"\[\[(?:[^\[\]|]*\|)?([^\[\]]*)\]\]")
 _RE_EXT_LINK = re.compile(r"\[(?:https?|ftp)://[^\s\]]+\s*([^\]]*)\]")
 _RE_URL = re.compile(r"https?://\S+")
@@ -91,17 +91,38 @@ _RE_LIST = re.compile(r"^[*#:;]+\s*", re.M)
 _RE_BLANKS = re.compile(r"\n{3,}")
 
 
+def _drop_balanced(text: str, start: re.Pattern, open_: str, close: str) -> str:
+    """Remove every span that starts at a ``start`` match and ends where its ``open_``/``close`` nesting closes."""
+    out, pos = [], 0
+    while (m := start.search(text, pos)) is not None:
+        out.append(text[pos : m.start()])
+        depth, i = 0, m.start()
+        while i < len(text):
+            if text.startswith(open_, i):
+                depth, i = depth + 1, i + len(open_)
+            elif text.startswith(close, i):
+                depth, i = depth - 1, i + len(close)
+                if depth == 0:
+                    break
+            else:
+                i += 1
+        pos = i
+    out.append(text[pos:])
+    return "".join(out)
+
+
+_RE_TEMPLATE_START = re.compile(r"\{\{")
+
+
 def strip_wikitext(text: str) -> str:
     """Plain text from wikitext: drops comments, refs, tables, templates, files/categories; keeps link labels."""
     text = html.unescape(text)
     text = _RE_COMMENT.sub("", text)
     text = _RE_REF.sub("", text)
+    text = _RE_MATH.sub("", text)
+    text = _drop_balanced(text, _RE_TEMPLATE_START, "{{", "}}")
     text = _RE_TABLE.sub("", text)
-    for _ in range(5):  # nested templates, innermost first
-        text, n = _RE_TEMPLATE.subn("", text)
-        if not n:
-            break
-    text = _RE_FILE_LINK.sub("", text)
+    text = _drop_balanced(text, _RE_FILE_LINK_START, "[[", "]]")
     text = _RE_LINK.sub(r"\1", text)
     text = _RE_EXT_LINK.sub(r"\1", text)
     text = _RE_URL.sub("", text)
@@ -109,7 +130,9 @@ def strip_wikitext(text: str) -> str:
     text = _RE_EMPH.sub("", text)
     text = _RE_HEADING.sub(r"\1", text)
     text = _RE_LIST.sub("", text)
-    text = "\n".join(line.strip() for line in text.split("\n") if not line.strip().startswith(("{", "|", "}", "!")))
+    text = "\n".join(
+        line.strip() for line in text.split("\n") if not line.strip().startswith(("{", "|", "}", "!"))
+    )
     return _RE_BLANKS.sub("\n\n", text).strip()
 
 

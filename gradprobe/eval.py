@@ -35,7 +35,9 @@ class PerplexityResult:
         return f"{self.value:.2f} (context {self.context}, stride {self.stride}, {self.windows} windows, {self.tokens} scored tokens)"
 
 
-def sliding_windows(n_tokens: int, context: int, stride: int, max_windows: int | None = None) -> list[tuple[int, int, int]]:
+def sliding_windows(
+    n_tokens: int, context: int, stride: int, max_windows: int | None = None
+) -> list[tuple[int, int, int]]:
     """(begin, end, first_scored) per window: tokens [begin, end) are input, [first_scored, end) are scored."""
     out = []
     prev_end = 0
@@ -99,7 +101,9 @@ def perplexity(
     stride = context if stride is None else stride
     if isinstance(stride, bool) or not isinstance(stride, int) or not (1 <= stride <= context):
         raise ValueError(f"stride must be an int in [1, context={context}], got {stride!r}")
-    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1):
+    if max_windows is not None and (
+        isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1
+    ):
         raise ValueError(f"max_windows must be None or an int >= 1, got {max_windows!r}")
     windows = sliding_windows(ids.numel(), context, stride, max_windows)
     if not windows:
@@ -119,7 +123,7 @@ def perplexity(
         for w in windows:
             groups.setdefault(w[1] - w[0], []).append(w)
         bar = tqdm(total=len(windows), desc="perplexity", unit="win", disable=not progress, leave=False)
-        for length, group in groups.items():
+        for group in groups.values():
             for i in range(0, len(group), batch_size):
                 chunk = group[i : i + batch_size]
                 inputs = torch.stack([ids[b:e] for b, e, _ in chunk]).to(device)
@@ -144,5 +148,10 @@ def perplexity(
         model.train(was_training)
     mean_nll = float(total_nll / total_tokens)
     return PerplexityResult(
-        value=math.exp(mean_nll), context=context, stride=stride, tokens=total_tokens, windows=len(windows), nll=mean_nll
+        value=math.exp(mean_nll),
+        context=context,
+        stride=stride,
+        tokens=total_tokens,
+        windows=len(windows),
+        nll=mean_nll,
     )

@@ -15,8 +15,14 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 REPORT_JSON = "gradprobe_report.json"
 
 
@@ -41,14 +47,22 @@ def partial_dir(out_dir: str | os.PathLike) -> Path:
 def _source_dirs(model) -> list[Path]:
     """Local directories the model was loaded from (``name_or_path``), if any."""
     out = []
-    for attr in (getattr(model, "name_or_path", None), getattr(getattr(model, "config", None), "_name_or_path", None)):
+    for attr in (
+        getattr(model, "name_or_path", None),
+        getattr(getattr(model, "config", None), "_name_or_path", None),
+    ):
         if attr and Path(attr).expanduser().is_dir():
             out.append(Path(attr).expanduser().resolve())
     return out
 
 
-def check_out_dir(out_dir: str | os.PathLike, *, model=None, source: str | os.PathLike | None = None,
-                  overwrite: bool = False) -> Path:
+def check_out_dir(
+    out_dir: str | os.PathLike,
+    *,
+    model=None,
+    source: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Validate an output directory before any work is done; returns it as an absolute Path.
 
     Raises:
@@ -69,7 +83,9 @@ def check_out_dir(out_dir: str | os.PathLike, *, model=None, source: str | os.Pa
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {str(out)!r} exists and is a file; choose a directory path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"out_dir {str(out)!r} exists and is not empty; pass overwrite=True (--overwrite) or another path")
+        raise FileExistsError(
+            f"out_dir {str(out)!r} exists and is not empty; pass overwrite=True (--overwrite) or another path"
+        )
     return out
 
 
@@ -87,8 +103,16 @@ def _write_report(report, directory: Path) -> None:
     raise TypeError(f"report must be a PruneReport (with .save(dir)) or a dict, got {type(report).__name__}")
 
 
-def save_pruned(model, tokenizer, out_dir: str | os.PathLike, report=None, *, overwrite: bool = False,
-                staging: str | os.PathLike | None = None, extra_json: dict | None = None) -> Path:
+def save_pruned(
+    model,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    report=None,
+    *,
+    overwrite: bool = False,
+    staging: str | os.PathLike | None = None,
+    extra_json: dict | None = None,
+) -> Path:
     """Save a (pruned) model + tokenizer as a Hugging Face checkpoint, atomically.
 
     Args:
@@ -121,7 +145,9 @@ def save_pruned(model, tokenizer, out_dir: str | os.PathLike, report=None, *, ov
         if extra_json is not None:
             (stage / "gradprobe_run.json").write_text(json.dumps(extra_json, indent=2, default=str))
         if any(stage.glob("*.bin")) or not any(stage.glob("*.safetensors")):
-            raise RuntimeError(f"expected safetensors weights only in {stage}; got {sorted(p.name for p in stage.iterdir())}")
+            raise RuntimeError(
+                f"expected safetensors weights only in {stage}; got {sorted(p.name for p in stage.iterdir())}"
+            )
         os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; give the output the usual permissions
         old = None
         if out.exists():  # empty, or overwrite=True: move it aside, then swap
@@ -142,7 +168,9 @@ def _umask() -> int:
     return mask
 
 
-def load_model(path_or_id: str | os.PathLike | None = None, dtype="auto", device: str | torch.device | None = None):
+def load_model(
+    path_or_id: str | os.PathLike | None = None, dtype="auto", device: str | torch.device | None = None
+):
     """Load a causal LM and its tokenizer.
 
     Args:
@@ -166,11 +194,17 @@ def load_model(path_or_id: str | os.PathLike | None = None, dtype="auto", device
     kwargs = {"dtype": dtype if dtype is not None else "auto"}
     if local.exists():
         if not local.is_dir():
-            raise ValueError(f"model path {name!r} is a file; pass the checkpoint directory (with config.json)")
+            raise ValueError(
+                f"model path {name!r} is a file; pass the checkpoint directory (with config.json)"
+            )
         if not (local / "config.json").is_file():
-            raise ValueError(f"model directory {name!r} has no config.json; it is not a Hugging Face checkpoint")
+            raise ValueError(
+                f"model directory {name!r} has no config.json; it is not a Hugging Face checkpoint"
+            )
         if not any(local.glob("*.safetensors")):
-            raise ValueError(f"model directory {name!r} has no *.safetensors weights (gradprobe loads safetensors only)")
+            raise ValueError(
+                f"model directory {name!r} has no *.safetensors weights (gradprobe loads safetensors only)"
+            )
         kwargs["use_safetensors"] = True
         name = str(local)
     try:

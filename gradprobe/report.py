@@ -36,8 +36,15 @@ class TensorRow:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TensorRow:
-        return cls(layer=int(d["layer"]), name=d["name"], shape=tuple(d["shape"]), numel=int(d["numel"]),
-                   pruned=int(d["pruned"]), target=d["target"], seconds=float(d["seconds"]))
+        return cls(
+            layer=int(d["layer"]),
+            name=d["name"],
+            shape=tuple(d["shape"]),
+            numel=int(d["numel"]),
+            pruned=int(d["pruned"]),
+            target=d["target"],
+            seconds=float(d["seconds"]),
+        )
 
 
 @dataclass
@@ -86,9 +93,17 @@ class PruneReport:
         return {
             "model_type": self.model_type,
             "config": self.config.fingerprint() | {"device": str(self.config.device)},
-            "calibration": {"nsamples": self.nsamples, "seqlen": self.seqlen, "tokens": self.nsamples * self.seqlen},
-            "totals": {"params": self.total_params, "pruned": self.total_pruned, "sparsity": self.sparsity,
-                       "seconds": self.seconds},
+            "calibration": {
+                "nsamples": self.nsamples,
+                "seqlen": self.seqlen,
+                "tokens": self.nsamples * self.seqlen,
+            },
+            "totals": {
+                "params": self.total_params,
+                "pruned": self.total_pruned,
+                "sparsity": self.sparsity,
+                "seconds": self.seconds,
+            },
             "layer_seconds": {str(k): v for k, v in sorted(self.layer_seconds.items())},
             "resumed_layers": list(self.resumed_layers),
             "rows": [r.to_dict() for r in self.rows],
@@ -111,8 +126,10 @@ class PruneReport:
         ]
         for r in self.rows:
             tgt = "-" if r.target is None else f"{r.target:.4f}"
-            lines.append(f"| {r.layer} | {r.name} | {r.shape[0]}x{r.shape[1]} | {tgt} | {r.sparsity:.4f} | "
-                         f"{r.pruned:,} | {r.seconds:.4f} |")
+            lines.append(
+                f"| {r.layer} | {r.name} | {r.shape[0]}x{r.shape[1]} | {tgt} | {r.sparsity:.4f} | "
+                f"{r.pruned:,} | {r.seconds:.4f} |"
+            )
         if self.layer_seconds:
             lines += ["", "| layer | seconds | sparsity |", "|---:|---:|---:|"]
             ls = self.layer_sparsity()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
+import time
 
 import pytest
 import torch
@@ -110,7 +112,7 @@ def test_flat_and_global_kthvalue_thresholds_equal_reference(dtype, kind):
         masks = bl.global_concat_kthvalue_masks(ws, ns, k)
         expected = ref.global_masks_sorted(ws, ns, k)
         assert sum(int(m.sum()) for m in masks) == k - int(take) + int(equal)
-        for m, e in zip(masks, expected):
+        for m, e in zip(masks, expected, strict=True):
             assert bool((m | ~e).all()), "threshold mask must contain the reference mask"
         t1, _, _ = ref.global_threshold(ws[1:2], ns[1:2], min(k, ws[1].numel()))
         assert torch.equal(bl.flat_kthvalue_threshold(ws[1], ns[1], min(k, ws[1].numel())), t1)
@@ -122,7 +124,9 @@ def test_global_masks_equal_reference_on_distinct_scores():
     scores = torch.cat([w.abs().reshape(-1) for w in ws])
     assert torch.unique(scores).numel() == scores.numel()
     k = 230  # spans both tensors (the first holds 200 scores, all smaller)
-    for got, e in zip(bl.global_concat_kthvalue_masks(ws, None, k), ref.global_masks_sorted(ws, [], k)):
+    for got, e in zip(
+        bl.global_concat_kthvalue_masks(ws, None, k), ref.global_masks_sorted(ws, [], k), strict=True
+    ):
         assert_masks_equal(got, e, "global_concat_kthvalue_masks")
     assert all(not m.any() for m in bl.global_concat_kthvalue_masks(ws, None, 0))
 
@@ -133,8 +137,13 @@ def test_sum_pass_reads_the_weight():
 
 
 def _load_bench(name: str):
-    spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        name, pathlib.Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    )
+    if name in sys.modules:  # the bench scripts import their helpers by plain name
+        return sys.modules[name]
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses resolve their module through sys.modules
     spec.loader.exec_module(mod)
     return mod
 
@@ -151,7 +160,7 @@ def test_bench_global_verifier_accepts_reference_and_rejects_wrong_masks(kind):
     verify(ws, ns, good, k, thr, take)
 
     flat = torch.cat([m.reshape(-1) for m in good])
-    scores = torch.cat([ref.score(w, n).reshape(-1) for w, n in zip(ws, ns)])
+    scores = torch.cat([ref.score(w, n).reshape(-1) for w, n in zip(ws, ns, strict=True)])
     kept = (~flat).nonzero().flatten()
     pruned = flat.nonzero().flatten()
     bad_variants = []
@@ -172,6 +181,49 @@ def test_bench_global_verifier_accepts_reference_and_rejects_wrong_masks(kind):
         pytest.fail("tie-heavy data should leave untaken ties at the threshold")
     sizes = [w.numel() for w in ws]
     for bad in bad_variants:
-        masks = [m.reshape(w.shape) for m, w in zip(torch.split(bad, sizes), ws)]
+        masks = [m.reshape(w.shape) for m, w in zip(torch.split(bad, sizes), ws, strict=True)]
         with pytest.raises(AssertionError):
             verify(ws, ns, masks, k, thr, take)
+
+
+def test_bench_harness_checks_time_and_csv(tmp_path):
+    """The shared harness must catch a one-bit mask difference before timing and write complete CSV rows."""
+    H = _load_bench("_harness")
+    m = torch.zeros(3, 5, dtype=torch.bool)
+    H.check_masks_equal([m], [m.clone()])
+    flipped = m.clone()
+    flipped[2, 4] = True
+    with pytest.raises(AssertionError, match=r"1 of 15 entries differ, first at \[\[2, 4\]\]"):
+        H.check_masks_equal(flipped, m)
+    with pytest.raises(AssertionError, match="differs"):
+        H.check_equal(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]))
+
+    calls = []
+    t = H.time_fn(lambda: calls.append(1), "cpu", warmup=2, budget_s=0.01, min_reps=4)
+    assert t.reps >= 4 and len(calls) == t.reps + 2 and 0 <= t.p20_ms <= t.median_ms <= t.p80_ms
+    slow = H.time_fn(lambda: time.sleep(0.03), "cpu", warmup=0, budget_s=0.01, min_reps=5)
+    assert slow.reps == 1 and slow.median_ms >= 30  # one call past twice the budget ends the loop
+
+    b = H.Bench("unit", "cpu", copy_bytes=2**20)
+    assert b.copy_bw > 0
+    with pytest.raises(AssertionError):  # a failing check aborts before any timing row is recorded
+        b.run(
+            "bad",
+            lambda: None,
+            problem="p",
+            dtype=torch.float32,
+            nbytes=1,
+            check=lambda: H.check_masks_equal(flipped, m),
+        )
+    assert b.rows == []
+    b.run("a", lambda: None, problem="p", dtype=torch.float32, nbytes=10, budget_s=0.01)
+    b.run("b", lambda: None, problem="p", dtype=torch.bfloat16, nbytes=10, budget_s=0.01)
+    assert "speedup vs a" in b.table(vs="a")
+    path = b.save_csv(tmp_path / "unit.csv")
+    import csv
+
+    rows = list(csv.DictReader(path.open()))
+    assert [r["kernel_provider"] for r in rows] == ["a", "b"] and rows[1]["dtype"] == "bf16"
+    assert set(rows[0]) == set(H.CSV_FIELDS) and all(
+        rows[0][f] != "" for f in ("machine", "torch_version", "timestamp")
+    )

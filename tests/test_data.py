@@ -22,7 +22,7 @@ def test_random_windows_are_slices_of_the_stream():
     assert w.shape == (12, 50) and w.dtype == torch.long
     starts = w[:, 0] // 7
     assert bool((starts >= 0).all()) and bool((starts <= 950).all())
-    for row, s in zip(w, starts.tolist()):
+    for row, s in zip(w, starts.tolist(), strict=True):
         assert torch.equal(row, ids[s : s + 50])
 
 
@@ -105,4 +105,6 @@ def test_default_sources_are_embedded_and_disjoint(tok):
     calib = data.calibration_batches(tok, None, nsamples=4, seqlen=128)
     assert calib.shape == (4, 128)
     ev = data.eval_ids(tok)
-    assert ev.dim() == 1 and torch.equal(ev[:50], torch.tensor(tok(embedded.default_text("lee_background")[:50])["input_ids"]))
+    assert ev.dim() == 1 and torch.equal(
+        ev[:50], torch.tensor(tok(embedded.default_text("lee_background")[:50])["input_ids"])
+    )

@@ -50,7 +50,9 @@ def test_sparsity_out_of_range_raises_value_error(sparsity):
             call()
 
 
-@pytest.mark.parametrize("sparsity", [True, "0.5", None, torch.tensor(0.5)], ids=["bool", "str", "None", "tensor"])
+@pytest.mark.parametrize(
+    "sparsity", [True, "0.5", None, torch.tensor(0.5)], ids=["bool", "str", "None", "tensor"]
+)
 def test_sparsity_wrong_type_raises_type_error(sparsity):
     w, _ = w_and_norm()
     with pytest.raises(TypeError, match="sparsity must be a float"):
@@ -63,7 +65,9 @@ def test_sparsity_wrong_type_raises_type_error(sparsity):
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_nonfinite_weight_raises_and_leaves_weight_unchanged(backend, device, dtype, bad):
     require_op(backend, device, "row_prune_")
@@ -79,8 +83,10 @@ def test_nonfinite_weight_raises_and_leaves_weight_unchanged(backend, device, dt
                 gradprobe.kth_threshold(w, 0.5, norm=norm, scope=scope)
             with pytest.raises(ValueError, match="NaN or Inf"):
                 gradprobe.prune_(w, 0.5, norm=norm, scope=scope)
-            assert torch.equal(w.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                               before.view(torch.int16 if dtype != torch.float32 else torch.int32))
+            assert torch.equal(
+                w.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                before.view(torch.int16 if dtype != torch.float32 else torch.int32),
+            )
         # k == 0 still validates
         with pytest.raises(ValueError, match="NaN or Inf"):
             gradprobe.prune_(w, 0.0)
@@ -100,7 +106,7 @@ def test_nonfinite_in_group_names_the_tensor_and_changes_nothing(backend, device
             gradprobe.global_prune_(ws, 0.5)
         with pytest.raises(ValueError, match=r"weights\[1\].*NaN or Inf"):
             gradprobe.kth_threshold(ws, 0.3, scope="global")
-    for w, b in zip(ws, before):
+    for w, b in zip(ws, before, strict=True):
         assert torch.equal(w.nan_to_num(7.0), b.nan_to_num(7.0)), "a weight changed although the call failed"
 
 
@@ -115,7 +121,10 @@ def test_op_level_prune_rejects_nonfinite_before_writing(backend, device):
     with with_backend(backend):
         with pytest.raises(ValueError, match="NaN or Inf"):
             torch.ops.gradprobe.row_prune_(w, None, 25)
-        masks = [torch.zeros(ok.shape, dtype=torch.bool, device=device), torch.zeros(w.shape, dtype=torch.bool, device=device)]
+        masks = [
+            torch.zeros(ok.shape, dtype=torch.bool, device=device),
+            torch.zeros(w.shape, dtype=torch.bool, device=device),
+        ]
         thr, take = torch.tensor(0.5, device=device), torch.tensor(1, device=device)
         with pytest.raises(ValueError, match="NaN or Inf"):
             torch.ops.gradprobe.global_prune_([ok.clone(), w], masks, [], thr, take)

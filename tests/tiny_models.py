@@ -33,23 +33,50 @@ def _build(cls, config, seed):
     return model
 
 
-def tiny_llama(num_layers: int = 2, hidden: int = 64, intermediate: int = 128, heads: int = 4, kv_heads: int = 2,
-               vocab: int = 256, max_pos: int = 256, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(
+    num_layers: int = 2,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 256,
+    max_pos: int = 256,
+    seed: int = 0,
+) -> LlamaForCausalLM:
     """Random LlamaForCausalLM; q (hidden, hidden), k/v (kv_heads*head_dim, hidden), gate/up (inter, hidden)."""
     cfg = LlamaConfig(**_common(num_layers, hidden, intermediate, heads, kv_heads, vocab, max_pos))
     return _build(LlamaForCausalLM, cfg, seed)
 
 
-def tiny_mistral(num_layers: int = 2, hidden: int = 64, intermediate: int = 128, heads: int = 4, kv_heads: int = 2,
-                 vocab: int = 256, max_pos: int = 256, sliding_window: int | None = 8, seed: int = 0) -> MistralForCausalLM:
+def tiny_mistral(
+    num_layers: int = 2,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 256,
+    max_pos: int = 256,
+    sliding_window: int | None = 8,
+    seed: int = 0,
+) -> MistralForCausalLM:
     """Random MistralForCausalLM with a (small, so it matters) sliding window."""
-    cfg = MistralConfig(**_common(num_layers, hidden, intermediate, heads, kv_heads, vocab, max_pos),
-                        sliding_window=sliding_window)
+    cfg = MistralConfig(
+        **_common(num_layers, hidden, intermediate, heads, kv_heads, vocab, max_pos),
+        sliding_window=sliding_window,
+    )
     return _build(MistralForCausalLM, cfg, seed)
 
 
-def tiny_qwen2(num_layers: int = 2, hidden: int = 64, intermediate: int = 128, heads: int = 4, kv_heads: int = 2,
-               vocab: int = 256, max_pos: int = 256, seed: int = 0) -> Qwen2ForCausalLM:
+def tiny_qwen2(
+    num_layers: int = 2,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 256,
+    max_pos: int = 256,
+    seed: int = 0,
+) -> Qwen2ForCausalLM:
     """Random Qwen2ForCausalLM (q/k/v with bias)."""
     cfg = Qwen2Config(**_common(num_layers, hidden, intermediate, heads, kv_heads, vocab, max_pos))
     return _build(Qwen2ForCausalLM, cfg, seed)

@@ -78,8 +78,14 @@ class ModelAdapter:
         return head is not None and head.weight is self.embed(model).weight
 
     # --- forward ------------------------------------------------------------------------------
-    def attention_mask(self, model: nn.Module, layer_idx: int, hidden: torch.Tensor,
-                       attention_mask: torch.Tensor | None, position_ids: torch.Tensor) -> Any:
+    def attention_mask(
+        self,
+        model: nn.Module,
+        layer_idx: int,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+    ) -> Any:
         """The mask object layer ``layer_idx`` takes, built as the model's own forward builds it."""
         from transformers.masking_utils import create_causal_mask
 
@@ -122,7 +128,9 @@ class ModelAdapter:
         }
         rotary = self.rotary_emb(model)
         if rotary is not None:
-            rot_device = next(rotary.buffers()).device if any(True for _ in rotary.buffers()) else hidden.device
+            rot_device = (
+                next(rotary.buffers()).device if any(True for _ in rotary.buffers()) else hidden.device
+            )
             if rot_device != hidden.device:
                 cos, sin = rotary(hidden.to(rot_device), position_ids=position_ids.to(rot_device))
                 kwargs["position_embeddings"] = (cos.to(hidden.device), sin.to(hidden.device))

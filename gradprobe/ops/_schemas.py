@@ -186,3 +186,29 @@ def _(acc, grad):
 @torch.library.register_fake("gradprobe::probe_apply_")
 def _(weight, candidates, backup, g0, g1, scale):
     return _mask_like(weight)
+
+
+# --- allocation (issue 7): the Wanda variant's per-row cumulative-score cut ----------------------
+# Contract of row_cumsum_cut(weight (out, in), norm (in,)?, alpha in [0, 1]):
+# * Scores s (fp32, as every selection op) are quantised per row to exact fixed point:
+#   q_ij = floor(s_ij * 2^(B - e_i)) as int64, B = 62 - bit_length(in), e_i = frexp exponent of the row
+#   max (row max < 2^e_i, so q < 2^B and any row sum < 2^62: integer sums are exact in any order).
+# * total_i = sum_j q_ij; tau_i = int64(floor(fp64(alpha) * fp64(total_i))).
+# * C_i(j) = sum of the j smallest q of row i; pruned_i = max{ j : C_i(j) <= tau_i } (C_i(0) = 0).
+# * The pruned set is the first pruned_i scores of the row in stable ascending order (ties -> lower
+#   index), returned as a threshold triple without `equal`: threshold (fp32), take (int64) such that
+#   count(s < threshold) + take == pruned (threshold = the smallest score value not wholly pruned, or
+#   the row max when the whole row is); threshold = -inf and take = 0 when pruned == 0.
+# Returns (threshold fp32 (out,), take int64 (out,), pruned int64 (out,), total int64 (out,)).
+ALLOCATION_SCHEMAS: dict[str, str] = {
+    "row_cumsum_cut": "(Tensor weight, Tensor? norm, float alpha) -> (Tensor threshold, Tensor take, Tensor pruned, Tensor total)",
+}
+for _name, _schema in ALLOCATION_SCHEMAS.items():
+    LIB.define(_name + _schema)
+SCHEMAS.update(ALLOCATION_SCHEMAS)
+
+
+@torch.library.register_fake("gradprobe::row_cumsum_cut")
+def _(weight: torch.Tensor, norm: torch.Tensor | None, alpha: float):
+    thr, take, pruned = _triple(weight.shape[0], weight.device)
+    return thr, take, pruned, torch.empty_like(take)

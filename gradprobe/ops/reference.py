@@ -399,3 +399,78 @@ def probe_apply_(weight: torch.Tensor, candidates: torch.Tensor, backup: torch.T
     mask = torch.zeros(candidates.shape, dtype=torch.bool, device=candidates.device)
     mask.masked_scatter_(candidates, prune)
     return mask
+
+
+# ---- allocation (issue 7): the Wanda variant's cumulative cut, by histogram (no sort) --------------
+# Unlike the ops above this reference does not sort: the radix histogram IS the method (issue 7 asks
+# for the cut without sorting). Its oracle, a stable sort + int64 cumsum, lives in tests/test_variant.py.
+
+_CUT_ROWS_ELEMS = 1 << 22  # rows are processed in chunks of about this many scores (bounds memory)
+
+
+def fixed_point_scores(scores: torch.Tensor) -> torch.Tensor:
+    """int64 (rows, n): q = floor(s * 2^(B - e_row)), B = 62 - bit_length(n); exact, see _schemas."""
+    rows, n = scores.shape
+    b = 62 - n.bit_length()
+    e = torch.frexp(scores.amax(dim=1)).exponent.to(torch.int64) if n else torch.zeros(rows, dtype=torch.int64)
+    # 2^(b - e) built from its fp64 bit pattern: an exact power of two, no libm pow involved
+    factor = ((b - e + 1023) << 52).view(torch.float64)
+    return torch.floor(scores.to(torch.float64) * factor[:, None]).to(torch.int64)
+
+
+def _cumsum_cut_chunk(s: torch.Tensor, alpha: float):
+    rows, n = s.shape
+    dev = s.device
+    q = fixed_point_scores(s)
+    total = q.sum(dim=1)
+    tau = torch.floor(alpha * total.to(torch.float64)).to(torch.int64)
+    everything = total <= tau
+    key = s.view(torch.int32).to(torch.int64)  # scores are >= +0.0: the bit pattern is order-preserving
+    base = (torch.arange(rows, device=dev) * 256)[:, None]
+    active = torch.ones_like(key, dtype=torch.bool)
+    s_less = torch.zeros(rows, dtype=torch.int64, device=dev)
+    c_less = torch.zeros_like(s_less)
+    thr_key = torch.zeros_like(s_less)
+    tau_s = torch.where(everything, torch.full_like(tau, -1), tau)
+    hs = hc = b = None
+    for shift in (24, 16, 8, 0):
+        digit = (key >> shift) & 255
+        idx = (digit + base).view(-1)
+        act = active.view(-1).to(torch.int64)  # inactive elements add 0 (no compaction: faster)
+        hs = torch.zeros(rows * 256, dtype=torch.int64, device=dev).scatter_add_(0, idx, q.view(-1) * act).view(rows, 256)
+        hc = torch.zeros(rows * 256, dtype=torch.int64, device=dev).scatter_add_(0, idx, act).view(rows, 256)
+        cs = hs.cumsum(dim=1) + s_less[:, None]
+        # first bucket whose inclusive cumulative sum exceeds tau: the cut lies inside it
+        b = torch.searchsorted(cs, tau_s[:, None], right=True).clamp_max(255)
+        cc = hc.cumsum(dim=1)
+        s_less = cs.gather(1, b)[:, 0] - hs.gather(1, b)[:, 0]
+        c_less = c_less + cc.gather(1, b)[:, 0] - hc.gather(1, b)[:, 0]
+        thr_key = thr_key | (b[:, 0] << shift)
+        active &= digit == b
+    eq = hc.gather(1, b)[:, 0]
+    q_star = (hs.gather(1, b)[:, 0] // eq.clamp_min(1)).clamp_min(1)  # > 0 whenever the cut is inside
+    take = torch.minimum(eq, ((tau - s_less).clamp_min(0)) // q_star)
+    thr = thr_key.to(torch.int32).view(torch.float32)
+    if n:
+        rmax = s.amax(dim=1)
+        thr = torch.where(everything, rmax, thr)
+        take = torch.where(everything, (s == rmax[:, None]).sum(dim=1), take)
+        c_less = torch.where(everything, n - take, c_less)
+    pruned = c_less + take
+    none = pruned == 0
+    thr = torch.where(none, torch.full_like(thr, NEG_INF), thr)
+    take = torch.where(none, torch.zeros_like(take), take)
+    return thr, take, pruned, total
+
+
+@impl("row_cumsum_cut", "reference")
+def row_cumsum_cut(weight: torch.Tensor, norm: torch.Tensor | None, alpha: float):
+    check_finite(weight)
+    s = score(weight, norm)
+    rows, n = s.shape
+    if rows == 0 or n == 0:
+        z = torch.zeros(rows, dtype=torch.int64, device=s.device)
+        return torch.full((rows,), NEG_INF, dtype=torch.float32, device=s.device), z, z.clone(), z.clone()
+    step = max(1, _CUT_ROWS_ELEMS // n)
+    parts = [_cumsum_cut_chunk(s[r : r + step], float(alpha)) for r in range(0, rows, step)]
+    return tuple(torch.cat(p) for p in zip(*parts, strict=True))

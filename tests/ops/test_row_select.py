@@ -8,6 +8,11 @@ exactly the masked weights and nothing else.
 from __future__ import annotations
 
 import math
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -15,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradprobe
+from gradprobe import _backend, _extension
 from gradprobe.ops import reference as ref
-from gradprobe import _backend
 from tests.helpers import (
     DTYPES,
     assert_masks_equal,
@@ -62,7 +67,9 @@ def _require_row_ops(request):
         require_ops(request.getfixturevalue("backend"), request.getfixturevalue("device"), ROW_OPS)
 
 
-def check_row_ops(backend: str, device: str, w: torch.Tensor, norm: torch.Tensor | None, k: int) -> torch.Tensor:
+def check_row_ops(
+    backend: str, device: str, w: torch.Tensor, norm: torch.Tensor | None, k: int
+) -> torch.Tensor:
     """Run all three row ops on ``backend`` and compare with the sort oracle; returns the mask."""
     w = w.to(device)
     norm = None if norm is None else norm.to(device)
@@ -125,6 +132,36 @@ def test_row_heavy_ties(backend, device, dtype, kind, norm_kind):
     norm = None if norm_kind is None else make_norm(shape[1], kind=norm_kind)
     for k in (1, 113, 150, 299):
         check_row_ops(backend, device, w, norm, k)
+
+
+@pytest.mark.parametrize("period", [8, 16, 7])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_row_periodic_pattern(backend, device, period):
+    """Every `period`-th weight tiny: defeats any strided sampling of the row, must stay exact."""
+    w = make_weight((3, 8000), torch.float32).abs() + 1
+    w[:, ::period] = 1e-3
+    w[1, 1::period] = 1e-3
+    skip_if_too_big(backend, device, w.numel())
+    for k in (10, 999, 1000, 1001, 2290, 4000):
+        check_row_ops(backend, device, w, None, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_row_already_pruned(backend, device, dtype):
+    """Re-pruning a 50%-pruned matrix: half of every row is an exact tie at 0."""
+    w = make_weight((16, 4097), dtype)
+    w[ref.stable_rank_mask(ref.score(w), 2048)] = 0
+    skip_if_too_big(backend, device, w.numel())
+    for k in (1, 2047, 2048, 2049, 3000):
+        check_row_ops(backend, device, w, make_norm(4097), k)
+        check_row_ops(backend, device, w, None, k)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0)], ids=shape_id)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_row_empty(backend, device, shape):
+    check_row_ops(backend, device, make_weight(shape), None, 0)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -199,7 +236,9 @@ def test_row_property_count_and_tie_rule(backend, device, case):
             t = pruned.max()
             ties = (s[i] == t).nonzero().flatten()
             # among the scores equal to the threshold, the pruned ones come first in index order
-            assert torch.equal(mask[i][ties], torch.sort(mask[i][ties].int(), descending=True, stable=True).values.bool())
+            assert torch.equal(
+                mask[i][ties], torch.sort(mask[i][ties].int(), descending=True, stable=True).values.bool()
+            )
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -210,3 +249,43 @@ def test_row_opcheck(backend, device, op):
     with with_backend(backend):
         for args in ((w.clone(), norm, 11), (w.clone(), None, 0)):
             torch.library.opcheck(getattr(torch.ops.gradprobe, op).default, args)
+
+
+_BASELINE_ISA_PROBE = textwrap.dedent(
+    """
+    import torch, gradprobe
+    from gradprobe.ops import reference as ref
+    from gradprobe import _extension
+    _extension.load()
+    cpp = torch.ops.gradprobe_cpp
+    torch.manual_seed(0)
+    cases = [(torch.randn(37, 300), torch.rand(300)), (torch.randn(5, 4097).bfloat16(), torch.rand(4097)),
+             (torch.randint(-3, 4, (6, 3000)).half(), None), (torch.full((4, 2500), 0.5), None)]
+    w = torch.randn(3, 8000).abs() + 1
+    w[:, ::8] = 1e-3
+    cases.append((w, None))
+    for w, n in cases:
+        s = ref.score(w, n)
+        for k in (0, 1, w.shape[1] // 3, w.shape[1] - 1, w.shape[1]):
+            assert torch.equal(cpp.row_mask(w, n, k), ref.stable_rank_mask(s, k)), (w.shape, k)
+            got, exp = cpp.row_threshold(w, n, k), ref.threshold_triple(s, k)
+            assert all(torch.equal(a, b) for a, b in zip(got, exp)), (w.shape, k)
+    print("OK")
+    """
+)
+
+
+@pytest.mark.skipif(not _extension.available(), reason="gradprobe._C not built")
+def test_cpp_baseline_isa_path_is_exact():
+    """The C++ ops pick AVX2 code at run time; the baseline (non-AVX2) path must be exact too."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = {**os.environ, "GRADPROBE_CPP_DISABLE_AVX2": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _BASELINE_ISA_PROBE],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

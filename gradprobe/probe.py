@@ -1,0 +1,649 @@
+"""The gradient probe: keep a pruning candidate only if shrinking it does not raise its gradient.
+
+For a set of prunable tensors W (the linears of the decoder layers):
+
+1. G0 = element-wise max over the B calibration batches of |dL/dW| (L = the model's causal-LM loss
+   ``model(input_ids=b, labels=b).loss``, or ``loss(logits, b)``);
+2. candidates T = the ``sparsity`` smallest scores (magnitude |W| or Wanda |W| * ||X_j||_2; scope
+   row, layer or global) — selected by the exact ``gradprobe::`` selection ops;
+3. W[T] *= r (``reduction_factor``); G1 = the same statistic on the *same* batches;
+4. prune F = T & (G1 <= G0 * (1 + tau)) (``gradient_threshold`` tau, computed in fp32); every other
+   candidate gets its original value back bit for bit (from a backup of the candidate values only,
+   never by dividing by r).
+
+Modes:
+
+* ``mode="model"``: one G0 and one G1 pass for all tensors at once (all probed weights need grads).
+* ``mode="layerwise"`` (default): one decoder layer at a time, ``order="reverse"`` (last layer first)
+  or ``"forward"``. Only that layer's linears require grad; its decisions are applied before the next
+  layer is probed. Forward and backward start from cached boundary activations (the input of the
+  layer), since everything before the layer is unchanged: in reverse order the dense inputs of all
+  layers come from one no-grad pass; in forward order the next layer's input is the pruned layer's
+  output, computed once with no grad.
+
+Gradient statistics are accumulated on the device as gradients arrive (a post-accumulate-grad hook
+calling ``gradprobe::probe_accumulate_``; the ``.grad`` is dropped at once), so at most one gradient
+per probed tensor lives at a time and nothing is copied to the CPU per batch. The decision, restore
+and zeroing are one op, ``gradprobe::probe_apply_``. The cache kept per tensor (for threshold tuning,
+:meth:`ProbeResult.apply_`) holds only candidate entries: original values, G0 and G1 (fp32).
+
+Wanda norms: ||X_j||_2 over all calibration tokens of each linear's input, collected during the G0
+pass (so with the earlier part of the model exactly as it is when the layer is probed); with
+``scope="global"`` all candidates are chosen up front, from one dense no-grad pass (as the driver's
+global scope does). Pass ``norms`` to use your own.
+
+N:M structure is not supported with the probe: restoring a candidate would leave its group with fewer
+than N zeros. Prune N:M with :func:`gradprobe.prune` (no probe) instead; a ``structure`` argument
+raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from gradprobe.select import check_sparsity, global_prune_masks, prune_mask
+from gradprobe.stats import sum_of_squares
+
+METHODS = ("wanda", "magnitude")
+SCOPES = ("row", "layer", "global")
+MODES = ("layerwise", "model")
+ORDERS = ("reverse", "forward")
+
+
+@dataclass(frozen=True)
+class SizeAdaptive:
+    """Size-adaptive threshold: tensor t gets tau_t = tau * sqrt(numel_t / n_ref).
+
+    Attributes:
+        tau: base threshold >= 0.
+        n_ref: reference size; None = numel of the largest probed tensor (so tau_t <= tau).
+    """
+
+    tau: float
+    n_ref: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_tau(self.tau, "SizeAdaptive.tau")
+        if self.n_ref is not None and (isinstance(self.n_ref, bool) or not isinstance(self.n_ref, int) or self.n_ref < 1):
+            raise ValueError(f"SizeAdaptive.n_ref must be None or a positive int (a tensor size), got {self.n_ref!r}")
+
+
+Threshold = Union[float, Mapping[Any, float], SizeAdaptive]  # noqa: UP007  (runtime alias)
+
+
+def _check_tau(tau: Any, name: str) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"{name} must be a float >= 0, got {type(tau).__name__}")
+    tau = float(tau)
+    if not (tau >= 0.0 and math.isfinite(tau)):
+        raise ValueError(f"{name} must be a finite float >= 0 (prune if G1 <= G0 * (1 + tau)), got {tau}")
+    return tau
+
+
+def check_threshold(spec: Any) -> Threshold:
+    """Validate ``gradient_threshold``: a float >= 0, a mapping, or :class:`SizeAdaptive`."""
+    if isinstance(spec, SizeAdaptive):
+        return spec
+    if isinstance(spec, Mapping):
+        for k, v in spec.items():
+            if isinstance(k, bool) or not isinstance(k, (int, str)):
+                raise TypeError(
+                    f"gradient_threshold mapping keys must be layer indices (int), parameter names or linear "
+                    f"names like 'mlp.down_proj' (str), or 'default'; got {k!r}"
+                )
+            _check_tau(v, f"gradient_threshold[{k!r}]")
+        return dict(spec)
+    return _check_tau(spec, "gradient_threshold")
+
+
+def scale_threshold(spec: Threshold, factor: float) -> Threshold:
+    """The threshold spec with every tau multiplied by ``factor`` (used by the threshold search)."""
+    if isinstance(spec, SizeAdaptive):
+        return SizeAdaptive(spec.tau * factor, spec.n_ref)
+    if isinstance(spec, Mapping):
+        return {k: v * factor for k, v in spec.items()}
+    return spec * factor
+
+
+def threshold_is_zero(spec: Threshold) -> bool:
+    if isinstance(spec, SizeAdaptive):
+        return spec.tau == 0.0
+    if isinstance(spec, Mapping):
+        return all(v == 0.0 for v in spec.values())
+    return spec == 0.0
+
+
+def resolve_threshold(spec: Threshold, name: str, layer: int, linear: str, numel: int, n_max: int) -> float:
+    """tau of one tensor. Mapping lookup order: full parameter name, layer index, linear name, "default" (else 0)."""
+    if isinstance(spec, SizeAdaptive):
+        n_ref = spec.n_ref if spec.n_ref is not None else n_max
+        return spec.tau * math.sqrt(numel / n_ref)
+    if isinstance(spec, Mapping):
+        for key in (name, layer, linear, "default"):
+            if key in spec:
+                return float(spec[key])
+        return 0.0
+    return float(spec)
+
+
+@dataclass
+class TensorProbe:
+    """Cached probe state of one tensor; (k,) vectors are in row-major candidate order.
+
+    Attributes:
+        name: full parameter name. layer: decoder layer index. linear: name inside the layer.
+        param: the weight parameter, (out, in).
+        candidates: bool (out, in), the k candidates T.
+        backup: (k,) original values of the candidates, weight dtype.
+        g0, g1: (k,) float32, max |grad| before / after scaling the candidates by r.
+        tau: the threshold the current decision used.
+        mask: bool (out, in), the pruned candidates of the current decision.
+    """
+
+    name: str
+    layer: int
+    linear: str
+    param: nn.Parameter
+    candidates: torch.Tensor
+    backup: torch.Tensor
+    g0: torch.Tensor
+    g1: torch.Tensor
+    tau: float = 0.0
+    mask: torch.Tensor | None = None
+
+    def apply_(self, tau: float) -> torch.Tensor:
+        """Restore all candidates, zero those with g1 <= g0 * (1 + tau); returns the pruned mask."""
+        self.tau = tau
+        self.mask = torch.ops.gradprobe.probe_apply_(self.param.data, self.candidates, self.backup, self.g0, self.g1, 1.0 + tau)
+        return self.mask
+
+    def restore_(self) -> None:
+        """Put every candidate back to its original value (undo the probe)."""
+        self.param.data.masked_scatter_(self.candidates, self.backup)
+        self.mask = None
+
+
+@dataclass
+class ProbeResult:
+    """Everything one probe run produced; the model is pruned with ``masks``.
+
+    Attributes:
+        tensors: name -> :class:`TensorProbe` (the cache that threshold tuning reuses).
+        threshold: the ``gradient_threshold`` spec used.
+        seconds: wall time of the run; passes: gradient passes (forward+backward over all batches).
+    """
+
+    tensors: dict[str, TensorProbe]
+    threshold: Threshold
+    mode: str
+    seconds: float = 0.0
+    passes: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {n: t.mask for n, t in self.tensors.items()}
+
+    def apply_(self, threshold: Threshold) -> dict[str, torch.Tensor]:
+        """Re-decide every tensor from the cached G0/G1 with another threshold (no gradient pass).
+
+        Exact for ``mode="model"``. For ``"layerwise"`` it reuses each layer's statistics although
+        they were gathered with the other layers decided under the old threshold (an approximation).
+        """
+        threshold = check_threshold(threshold)
+        n_max = max(t.param.numel() for t in self.tensors.values())
+        for t in self.tensors.values():
+            t.apply_(resolve_threshold(threshold, t.name, t.layer, t.linear, t.param.numel(), n_max))
+        self.threshold = threshold
+        return self.masks
+
+    def restore_(self) -> None:
+        """Undo the probe: every candidate gets its original value back."""
+        for t in self.tensors.values():
+            t.restore_()
+
+    def num_pruned(self) -> int:
+        return sum(int(t.mask.sum()) for t in self.tensors.values())
+
+    def num_candidates(self) -> int:
+        return sum(int(t.backup.numel()) for t in self.tensors.values())
+
+
+# ---- validation ----------------------------------------------------------------------------------
+
+
+def _check_batches(batches: Any) -> list[torch.Tensor]:
+    """A 2-D (n, seqlen) tensor is n batches of one row; a 3-D (B, b, seqlen) tensor or a sequence of
+    (b, seqlen) / (seqlen,) tensors is B batches."""
+    if isinstance(batches, torch.Tensor):
+        if batches.dim() == 2:
+            out = [batches[i : i + 1] for i in range(batches.shape[0])]
+        elif batches.dim() == 3:
+            out = list(batches.unbind(0))
+        else:
+            raise ValueError(f"batches as a tensor must be (n, seqlen) or (B, batch, seqlen) token ids, got shape {tuple(batches.shape)}")
+    elif isinstance(batches, Sequence) and not isinstance(batches, str):
+        out = []
+        for i, b in enumerate(batches):
+            if not isinstance(b, torch.Tensor):
+                raise TypeError(f"batches[{i}] must be a tensor of token ids, got {type(b).__name__}")
+            if b.dim() == 1:
+                b = b.unsqueeze(0)
+            if b.dim() != 2:
+                raise ValueError(f"batches[{i}] must be (batch, seqlen) or (seqlen,) token ids, got shape {tuple(b.shape)}")
+            out.append(b)
+    else:
+        raise TypeError(f"batches must be a tensor or a list of tensors of token ids, got {type(batches).__name__}")
+    if not out:
+        raise ValueError("batches is empty; the probe needs at least one calibration batch of token ids")
+    for i, b in enumerate(out):
+        if b.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"batches[{i}] must hold integer token ids (int64), got {b.dtype}")
+        if b.shape[-1] < 2 or b.shape[0] < 1:
+            raise ValueError(f"batches[{i}] needs >= 1 row of >= 2 tokens for a next-token loss, got shape {tuple(b.shape)}")
+    return out
+
+
+def _check_args(sparsity, method, scope, mode, order, reduction_factor, gradient_threshold, structure, loss, norms):
+    if structure not in (None, "unstructured"):
+        raise ValueError(
+            f"structure={structure!r}: N:M structure cannot be combined with the gradient probe (restoring a "
+            "candidate would leave its group of M with fewer than N zeros); prune N:M with gradprobe.prune "
+            "without the probe, or pass structure=None"
+        )
+    sparsity = check_sparsity(sparsity)
+    for name, value, allowed in (("method", method, METHODS), ("scope", scope, SCOPES), ("mode", mode, MODES),
+                                 ("order", order, ORDERS)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, (int, float)):
+        raise TypeError(f"reduction_factor must be a float in (0, 1), got {type(reduction_factor).__name__}")
+    if not (0.0 < float(reduction_factor) < 1.0):
+        raise ValueError(
+            f"reduction_factor must be in (0, 1) exclusive (candidates are scaled by it; 0.1 is the default), got {reduction_factor}"
+        )
+    gradient_threshold = check_threshold(gradient_threshold)
+    if loss is not None and not callable(loss):
+        raise TypeError(f"loss must be None or a callable (logits, input_ids) -> scalar tensor, got {type(loss).__name__}")
+    if norms is not None:
+        if method != "wanda":
+            raise ValueError('norms are Wanda activation norms; pass them only with method="wanda"')
+        if not isinstance(norms, Mapping):
+            raise TypeError("norms must be a mapping parameter name -> (in_features,) float32 tensor")
+    return sparsity, float(reduction_factor), gradient_threshold
+
+
+# ---- the model side --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Target:
+    name: str
+    layer: int
+    linear: str
+    module: nn.Linear
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.module.weight
+
+
+def _targets(model: nn.Module, adapter) -> list[list[_Target]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        out.append([_Target(names[id(m.weight)], i, lin, m) for lin, m in adapter.prunable_linears(layer).items()])
+    return out
+
+
+class _NormCollector:
+    """Forward hooks summing x_j^2 (fp32) over all tokens of each linear's input."""
+
+    def __init__(self, targets: Sequence[_Target]):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.handles = [t.module.register_forward_hook(self._hook(t.name)) for t in targets]
+
+    def _hook(self, name: str):
+        def hook(mod, args, out):
+            s = sum_of_squares(args[0].detach())
+            if name in self.sums:
+                self.sums[name] += s
+            else:
+                self.sums[name] = s
+
+        return hook
+
+    def remove(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
+            h.remove()
+        return {n: s.sqrt() for n, s in self.sums.items()}
+
+
+def _default_loss(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return model.loss_function(logits=logits, labels=ids, vocab_size=model.config.vocab_size)
+
+    return loss
+
+
+class _Runner:
+    """Forward/backward over the whole model or from a layer's cached input."""
+
+    def __init__(self, model: nn.Module, adapter, batches: list[torch.Tensor], loss):
+        self.model, self.adapter = model, adapter
+        self.layers = adapter.decoder_layers(model)
+        self.batches = batches
+        self.user_loss = loss
+        self.loss = loss if loss is not None else _default_loss(model)
+        self._kwargs: dict[tuple, dict] = {}
+        self.passes = 0
+
+    def layer_kwargs(self, j: int, hidden: torch.Tensor) -> dict:
+        key = (j, tuple(hidden.shape), hidden.dtype)
+        if key not in self._kwargs:
+            with torch.no_grad():
+                self._kwargs[key] = self.adapter.layer_forward_kwargs(self.model, hidden, None, None, j)
+        return self._kwargs[key]
+
+    def run_layer(self, j: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.adapter.layer_output(self.layers[j](hidden, **self.layer_kwargs(j, hidden)))
+
+    def full_loss(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.user_loss is None:
+            return self.model(input_ids=ids, labels=ids, use_cache=False).loss
+        return self.loss(self.model(input_ids=ids, use_cache=False).logits, ids)
+
+    def tail_loss(self, start: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Loss of the model run from the input ``hidden`` (batch, seqlen, hidden) of layer ``start``."""
+        x = hidden
+        for j in range(start, len(self.layers)):
+            x = self.run_layer(j, x)
+        x = self.adapter.final_norm(self.model)(x)
+        return self.loss(self.adapter.lm_head(self.model)(x), ids)
+
+    def grad_pass(self, params: Sequence[nn.Parameter], loss_of_batch: Callable[[int], torch.Tensor]) -> list[torch.Tensor]:
+        """max over batches of |dL/dp| for each of ``params`` (same dtype/shape), accumulated in a hook."""
+        acc: dict[int, torch.Tensor] = {}
+
+        def hook(p: torch.Tensor) -> None:
+            g = p.grad
+            p.grad = None  # only this batch's gradient of this tensor is ever alive
+            a = acc.get(id(p))
+            if a is None:
+                acc[id(p)] = g.abs()
+            else:
+                torch.ops.gradprobe.probe_accumulate_(a, g)
+
+        handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
+        try:
+            for i in range(len(self.batches)):
+                with torch.enable_grad():
+                    loss = loss_of_batch(i)
+                    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                        raise ValueError("loss must return a scalar (0-dim) tensor")
+                    loss.backward()
+        finally:
+            for h in handles:
+                h.remove()
+            for p in params:
+                p.grad = None
+        self.passes += 1
+        missing = [i for i, p in enumerate(params) if id(p) not in acc]
+        if missing:
+            raise RuntimeError(f"{len(missing)} probed tensors received no gradient; does the loss depend on them?")
+        return [acc[id(p)] for p in params]
+
+
+def _candidates(targets: Sequence[_Target], sparsity: float, method: str, scope: str,
+                norms: Mapping[str, torch.Tensor] | None) -> list[torch.Tensor]:
+    ns = None
+    if method == "wanda":
+        if norms is None or any(t.name not in norms for t in targets):
+            missing = [t.name for t in targets if norms is None or t.name not in norms]
+            raise ValueError(f"Wanda norms missing for {missing[:3]}...; pass norms for every probed tensor or none")
+        ns = [norms[t.name].to(device=t.param.device, dtype=torch.float32).contiguous() for t in targets]
+    with torch.no_grad():
+        if scope == "global":
+            return global_prune_masks([t.param.data for t in targets], sparsity, norms=ns)
+        return [prune_mask(t.param.data, sparsity, norm=None if ns is None else ns[i], scope=scope)
+                for i, t in enumerate(targets)]
+
+
+def _probe_group(runner: _Runner, targets: Sequence[_Target], loss_of_batch, cands: Callable[[], list[torch.Tensor]],
+                 r: float, threshold: Threshold, n_max: int) -> dict[str, TensorProbe]:
+    """G0 pass, candidates (``cands`` is called after G0, so norm hooks of that pass are complete),
+    scale by r, G1 pass, decide + restore + zero. Only ``targets`` require grad meanwhile."""
+    params = [t.param for t in targets]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        g0 = runner.grad_pass(params, loss_of_batch)
+        masks = cands()
+        backups = []
+        with torch.no_grad():
+            for p, m in zip(params, masks):
+                b = p.data[m]  # the only copy the probe keeps: original candidate values
+                backups.append(b)
+                p.data.masked_scatter_(m, b * r)
+            g0c = [g[m].to(torch.float32) for g, m in zip(g0, masks)]
+            del g0
+        g1 = runner.grad_pass(params, loss_of_batch)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    out = {}
+    with torch.no_grad():
+        for t, m, b, a, g in zip(targets, masks, backups, g0c, g1):
+            tp = TensorProbe(t.name, t.layer, t.linear, t.param, m, b, a, g[m].to(torch.float32))
+            tp.apply_(resolve_threshold(threshold, t.name, t.layer, t.linear, t.param.numel(), n_max))
+            out[t.name] = tp
+    return out
+
+
+def probe(
+    model: nn.Module,
+    batches: torch.Tensor | Sequence[torch.Tensor],
+    sparsity: float,
+    *,
+    method: str = "wanda",
+    scope: str = "row",
+    reduction_factor: float = 0.1,
+    gradient_threshold: Threshold = 0.0,
+    mode: str = "layerwise",
+    order: str = "reverse",
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    norms: Mapping[str, torch.Tensor] | None = None,
+    structure: str | None = None,
+    layers: Sequence[int] | None = None,
+    progress: bool = False,
+) -> ProbeResult:
+    """Run the gradient probe and prune in place; returns the :class:`ProbeResult` (masks + cache).
+
+    Arguments as :func:`probe_prune_`.
+    """
+    sparsity, r, threshold = _check_args(sparsity, method, scope, mode, order, reduction_factor, gradient_threshold,
+                                         structure, loss, norms)
+    batch_list = _check_batches(batches)
+    from gradprobe.models import get_adapter
+
+    adapter = get_adapter(model)
+    groups = _targets(model, adapter)
+    if layers is not None:
+        bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < len(groups))]
+        if bad or not layers:
+            raise ValueError(f"layers must be a non-empty list of decoder layer indices in [0, {len(groups)}), got {list(layers)}")
+        groups = [g if i in set(layers) else [] for i, g in enumerate(groups)]
+    all_targets = [t for g in groups for t in g]
+    if norms is not None:
+        missing = [t.name for t in all_targets if t.name not in norms]
+        if missing:
+            raise ValueError(f"norms has no entry for {missing[:3]} (and {max(0, len(missing) - 3)} more); give one per probed weight")
+    n_max = max(t.param.numel() for t in all_targets)
+    device = all_targets[0].param.device
+    batch_list = [b.to(device=device, dtype=torch.int64) for b in batch_list]
+
+    start = time.perf_counter()
+    grad_flags = {id(p): p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    use_cache = getattr(model.config, "use_cache", None)
+    model.eval()
+    if use_cache is not None:
+        model.config.use_cache = False
+    runner = _Runner(model, adapter, batch_list, loss)
+    tensors: dict[str, TensorProbe] = {}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if mode == "model":
+            collector = _NormCollector(all_targets) if (method == "wanda" and norms is None) else None
+            got: dict[str, torch.Tensor] = {}
+
+            def cands():
+                nonlocal got
+                if collector is not None:
+                    got = collector.remove()
+                return _candidates(all_targets, sparsity, method, scope, norms if norms is not None else got)
+
+            try:
+                tensors = _probe_group(runner, all_targets, lambda i: runner.full_loss(batch_list[i]), cands, r, threshold, n_max)
+            finally:
+                if collector is not None:
+                    collector.remove()
+        else:
+            tensors = _probe_layerwise(runner, groups, batch_list, sparsity, method, scope, order, norms, r, threshold,
+                                       n_max, progress)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(grad_flags[id(p)])
+        model.train(was_training)
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+    return ProbeResult(tensors, threshold, mode, time.perf_counter() - start, runner.passes,
+                       {"sparsity": sparsity, "method": method, "scope": scope, "order": order, "reduction_factor": r})
+
+
+def _capture_inputs(runner: _Runner, batch_list, layer_ids: set[int], collect_norms_for: Sequence[_Target]):
+    """One no-grad pass of the model: inputs of the decoder layers in ``layer_ids`` per batch, and
+    (optionally) Wanda norms of ``collect_norms_for``."""
+    store: dict[int, list[torch.Tensor]] = {i: [] for i in layer_ids}
+
+    def pre_hook(i):
+        def hook(mod, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            store[i].append(h.detach())
+
+        return hook
+
+    handles = [runner.layers[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i in layer_ids]
+    collector = _NormCollector(collect_norms_for) if collect_norms_for else None
+    try:
+        with torch.no_grad():
+            for b in batch_list:
+                runner.model(input_ids=b, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        norms = collector.remove() if collector is not None else {}
+    return store, norms
+
+
+def _probe_layerwise(runner, groups, batch_list, sparsity, method, scope, order, norms, r, threshold, n_max, progress):
+    from tqdm.auto import tqdm
+
+    live = [i for i, g in enumerate(groups) if g]
+    seq = live[::-1] if order == "reverse" else live
+    all_targets = [t for g in groups for t in g]
+    need_dense_norms = method == "wanda" and norms is None and scope == "global"
+    # reverse: every probed layer's input is the dense model's (earlier layers unchanged) -> one pass;
+    # forward: only the first layer's input; later ones are propagated through the pruned layers.
+    capture_ids = set(live) if order == "reverse" else {seq[0]}
+    inputs, dense_norms = _capture_inputs(runner, batch_list, capture_ids, all_targets if need_dense_norms else [])
+    global_cands = None
+    if scope == "global":
+        global_cands = dict(zip((t.name for t in all_targets),
+                                _candidates(all_targets, sparsity, method, scope, norms if norms is not None else dense_norms)))
+    tensors: dict[str, TensorProbe] = {}
+    for pos, i in enumerate(tqdm(seq, desc="probe", disable=not progress)):
+        targets = groups[i]
+        hidden = inputs.pop(i)
+        collector = _NormCollector(targets) if (method == "wanda" and norms is None and scope != "global") else None
+
+        def cands(targets=targets, collector=collector):
+            if global_cands is not None:
+                return [global_cands[t.name] for t in targets]
+            got = collector.remove() if collector is not None else {}
+            return _candidates(targets, sparsity, method, scope, norms if norms is not None else got)
+
+        try:
+            tensors.update(_probe_group(runner, targets, lambda b, i=i, hidden=hidden: runner.tail_loss(i, hidden[b], batch_list[b]),
+                                        cands, r, threshold, n_max))
+        finally:
+            if collector is not None:
+                collector.remove()
+        if order == "forward" and pos + 1 < len(seq):
+            nxt = seq[pos + 1]
+            with torch.no_grad():
+                h = hidden
+                for j in range(i, nxt):
+                    h = [runner.run_layer(j, x) for x in h]
+            inputs[nxt] = h
+        del hidden
+    return tensors
+
+
+def probe_prune_(
+    model: nn.Module,
+    batches: torch.Tensor | Sequence[torch.Tensor],
+    sparsity: float,
+    *,
+    method: str = "wanda",
+    scope: str = "row",
+    reduction_factor: float = 0.1,
+    gradient_threshold: Threshold = 0.0,
+    mode: str = "layerwise",
+    order: str = "reverse",
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    norms: Mapping[str, torch.Tensor] | None = None,
+    structure: str | None = None,
+    layers: Sequence[int] | None = None,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Prune the decoder linears of ``model`` in place with the gradient probe (module docstring).
+
+    Args:
+        model: a Hugging Face causal LM of a supported family (``gradprobe.models``); any dtype/device.
+        batches: calibration token ids: a (n, seqlen) int64 tensor (n batches of one row), a
+            (B, batch, seqlen) tensor, or a list of (batch, seqlen) / (seqlen,) tensors. The same
+            batches are used for G0 and G1.
+        sparsity: candidate fraction in [0, 1); the achieved sparsity is <= it (restored candidates).
+        method: "wanda" (|W| * ||X_j||_2) or "magnitude" (|W|) candidate scores.
+        scope: "row", "layer" (each tensor) or "global" (one group over all probed tensors).
+        reduction_factor: r in (0, 1); candidates are scaled by r for the G1 pass.
+        gradient_threshold: tau >= 0: a float, a mapping (keys: full parameter name, decoder layer
+            index, linear name such as "mlp.down_proj", or "default"; lookup in that order, else 0),
+            or :class:`SizeAdaptive` (tau * sqrt(numel / n_ref)).
+        mode: "layerwise" (one decoder layer at a time) or "model" (all tensors in one probe).
+        order: "reverse" (last layer first) or "forward"; layerwise only.
+        loss: optional ``loss(logits (batch, seqlen, vocab), input_ids (batch, seqlen)) -> 0-dim``;
+            default the model's causal-LM loss ``model(input_ids=b, labels=b).loss``.
+        norms: optional Wanda norms, parameter name -> (in_features,) float32.
+        structure: must be None / "unstructured" (N:M raises ValueError, see the module docstring).
+        layers: probe only these decoder layer indices (default all).
+        progress: tqdm bar over layers.
+
+    Returns:
+        {parameter name: bool mask of the weight's shape, True = pruned}.
+
+    Raises:
+        ValueError / TypeError for bad arguments, before the model is touched.
+    """
+    return probe(model, batches, sparsity, method=method, scope=scope, reduction_factor=reduction_factor,
+                 gradient_threshold=gradient_threshold, mode=mode, order=order, loss=loss, norms=norms,
+                 structure=structure, layers=layers, progress=progress).masks

@@ -1,0 +1,135 @@
+"""The Wanda variant (gradprobe/variant.py): the histogram cut equals a stable sort + int64 cumsum."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gradprobe  # noqa: F401  (registers the ops)
+from gradprobe.variant import VariantMaskFn, variant_alpha, variant_prune_, variant_prune_mask
+
+
+def sort_cut(weight, norm, alpha):
+    """Oracle, written from the definition: sort, fixed point, cumsum, count, first k in stable order."""
+    s = weight.abs().float()
+    if norm is not None:
+        s = s * norm.abs().float()
+    rows, n = s.shape
+    b = 62 - n.bit_length()
+    masks, pruned, totals = [], [], []
+    for i in range(rows):
+        row = s[i]
+        e = math.frexp(float(row.max()))[1]
+        # floor(s * 2^(b - e)) in exact Python arithmetic (fp32 -> float is exact)
+        q = [math.floor(math.ldexp(float(v), b - e)) for v in row.tolist()]
+        total = sum(q)
+        tau = math.floor(float(alpha) * float(total))
+        order = torch.sort(row, stable=True).indices.tolist()
+        c, k = 0, 0
+        for j in order:
+            if c + q[j] > tau:
+                break
+            c += q[j]
+            k += 1
+        m = torch.zeros(n, dtype=torch.bool)
+        m[order[:k]] = True
+        masks.append(m)
+        pruned.append(k)
+        totals.append(total)
+    return torch.stack(masks), torch.tensor(pruned), torch.tensor(totals)
+
+
+def _inputs(rows, cols, dtype, seed, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    if ties:
+        w = torch.round(w * 2) / 2  # few distinct values: heavy ties
+    norm = torch.rand(cols, generator=g) * 3
+    return w.to(dtype), norm
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (16, 123), (5, 600), (2, 4096)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("alpha", [0.0, 0.013, 0.25, 0.5, 0.9, 1.0])
+def test_cut_equals_sort_cumsum(shape, dtype, alpha):
+    w, norm = _inputs(*shape, dtype, seed=shape[1])
+    thr, take, pruned, total = torch.ops.gradprobe.row_cumsum_cut(w, norm, alpha)
+    ref_mask, ref_pruned, ref_total = sort_cut(w, norm, alpha)
+    assert torch.equal(total, ref_total)
+    assert torch.equal(pruned, ref_pruned)
+    s = w.abs().float() * norm
+    mask = (s < thr[:, None]) | ((s == thr[:, None]) & (torch.cumsum(s == thr[:, None], 1) <= take[:, None]))
+    assert torch.equal(mask, ref_mask)
+    assert torch.equal(mask.sum(1), pruned)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.37, 0.6])
+def test_cut_ties_zeros_and_magnitude(alpha):
+    w, _ = _inputs(8, 300, torch.float32, seed=3, ties=True)
+    w[2] = 0  # an all-zero row: every alpha prunes it whole
+    w[5, ::3] = 0
+    w[6] = 1e-30  # subnormal-range scores
+    w[6, 0] = 1e30
+    _, _, pruned, total = torch.ops.gradprobe.row_cumsum_cut(w, None, alpha)
+    ref_mask, ref_pruned, ref_total = sort_cut(w, None, alpha)
+    assert torch.equal(pruned, ref_pruned) and torch.equal(total, ref_total)
+    assert pruned[2] == 300
+    mask, _ = variant_prune_mask(w, 0.99, tol=0.01)  # runs the mask path on the same data
+    assert mask.shape == w.shape
+
+
+def test_cut_opcheck():
+    w, norm = _inputs(4, 40, torch.float32, seed=0)
+    torch.library.opcheck(torch.ops.gradprobe.row_cumsum_cut.default, (w, norm, 0.3))
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+@pytest.mark.parametrize("tol", [1e-3, 0.0])
+def test_bisection_hits_target_and_mask_matches_oracle(sparsity, tol):
+    w, norm = _inputs(64, 200, torch.float32, seed=11)
+    w0 = w.clone()
+    mask, res = variant_prune_(w, sparsity, norm=norm, tol=tol)
+    target = math.floor(sparsity * w.numel())
+    assert res.target == target
+    assert abs(int(mask.sum()) - target) <= int(tol * w.numel())
+    assert int(mask.sum()) == res.pruned
+    assert 0.0 < res.alpha < 1.0
+    ref_mask, _, _ = sort_cut(w0, norm, res.alpha)
+    assert torch.equal(mask, ref_mask)
+    assert torch.equal(w, w0.masked_fill(mask, 0))
+
+
+def test_bad_inputs_raise_and_leave_weight():
+    w, norm = _inputs(4, 16, torch.float32, seed=1)
+    w0 = w.clone()
+    with pytest.raises(ValueError, match="tol"):
+        variant_prune_(w, 0.5, norm=norm, tol=1.5)
+    with pytest.raises(ValueError, match="sparsity"):
+        variant_prune_(w, 1.0, norm=norm)
+    z = torch.zeros(4, 16)
+    z[:, 0] = 1.0
+    with pytest.raises(ValueError, match="alpha=0 already prunes"):
+        variant_alpha(z, 0.5, tol=0.0)  # 15/16 of the scores are 0: alpha=0 prunes them all
+    with pytest.raises(ValueError, match="N:M"):
+        VariantMaskFn()(w, norm, None, None)
+    assert torch.equal(w, w0)
+
+
+def test_driver_integration_reports_alpha():
+    from tiny_models import random_batches, tiny_llama
+
+    model = tiny_llama(num_layers=2)
+    fn = VariantMaskFn(tol=1e-3)
+    report = gradprobe.prune(
+        model,
+        random_batches(4, 32),
+        gradprobe.PruneConfig(sparsity=0.6, nsamples=4, seqlen=32, mask_fn=fn, progress=False),
+    )
+    assert len(fn.results) == len(report.rows) == 14
+    for row in report.rows:
+        res = fn.results[(row.layer, row.name)]
+        assert row.pruned == res.pruned
+        assert abs(res.pruned - math.floor(0.6 * row.numel)) <= int(1e-3 * row.numel)
+        assert 0.0 < res.alpha < 1.0
