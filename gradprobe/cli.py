@@ -107,6 +107,60 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _add_probe_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("gradient probe (gradprobe.probe_prune_)")
+    g.add_argument("--probe", action="store_true", help="prune with the gradient probe: candidates whose |grad| grew when shrunk are restored")
+    g.add_argument("--reduction-factor", type=_fraction, default=0.1, help="probe: candidates are scaled by r in (0, 1) (default 0.1)")
+    g.add_argument("--gradient-threshold", type=_nonneg_float, default=0.0, help="probe: tau >= 0, prune if G1 <= G0 * (1 + tau) (default 0)")
+    g.add_argument("--adaptive-threshold", action="store_true", help="probe: scale tau by sqrt(numel / largest numel) per tensor")
+    g.add_argument("--probe-mode", choices=["model", "layerwise"], default="model", help="probe: one G0/G1 pass for the model, or per decoder layer")
+    g.add_argument("--probe-order", choices=["reverse", "forward"], default="reverse", help="probe: layer order in layerwise mode")
+
+
+def _check_probe_args(args) -> None:
+    if not args.probe:
+        return
+    if args.structure != "unstructured":
+        raise UsageError(f"--probe cannot be combined with --structure {args.structure}: restoring a candidate breaks the N:M pattern")
+    if getattr(args, "allocation", "uniform") != "uniform":
+        raise UsageError(f"--probe cannot be combined with --allocation {args.allocation}; use uniform")
+    if not 0.0 < args.reduction_factor < 1.0:
+        raise UsageError(f"--reduction-factor must be in (0, 1), got {args.reduction_factor}")
+
+
+def _run_probe(args, model, batches, config):
+    """Prune with the gradient probe and describe the result as a PruneReport."""
+    import re
+
+    from gradprobe.probe import SizeAdaptive, probe_prune_
+    from gradprobe.report import PruneReport, TensorRow
+
+    t0 = time.perf_counter()
+    tau = SizeAdaptive(args.gradient_threshold) if args.adaptive_threshold else args.gradient_threshold
+    masks = probe_prune_(
+        model, batches, config.sparsity, method=config.method, scope=config.scope,
+        reduction_factor=args.reduction_factor, gradient_threshold=tau, mode=args.probe_mode,
+        order=args.probe_order, progress=True,
+    )
+    rows = []
+    for name, m in masks.items():
+        layer = re.search(r"layers\.(\d+)\.", name)
+        rows.append(TensorRow(layer=int(layer.group(1)) if layer else -1, name=name, shape=tuple(m.shape),
+                              numel=m.numel(), pruned=int(m.sum()), target=config.sparsity, seconds=0.0))
+    return PruneReport(rows=rows, config=config, nsamples=int(batches.shape[0]), seqlen=int(batches.shape[-1]),
+                       seconds=time.perf_counter() - t0, model_type=model.config.model_type)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradprobe", description="Exact, fast pruning of LLM linear layers."
@@ -159,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     from gradprobe.allocation import add_cli_args  # issue 7: --allocation uniform|variant|owl|explicit
 
     add_cli_args(p)
+    _add_probe_args(p)
     _add_eval_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip the dense and pruned perplexity")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created atomically)")
@@ -318,6 +373,7 @@ def cmd_prune(args) -> int:
     _check_source(args.eval_source, "--eval")
     sizes = _resolve_defaults(args)
     config = _make_config(args, sizes)
+    _check_probe_args(args)
     from gradprobe import allocation  # issue 7
 
     try:
@@ -330,7 +386,9 @@ def cmd_prune(args) -> int:
         raise UsageError(str(exc)) from None
     partial = io.partial_dir(out)
     settings = {"model": args.model, "dtype": args.dtype, "config": config.fingerprint(),
-                "allocation": allocation.cli_settings(args)}
+                "allocation": allocation.cli_settings(args),
+                "probe": [args.probe, args.reduction_factor, args.gradient_threshold, args.adaptive_threshold,
+                          args.probe_mode, args.probe_order]}
     run_file = partial / "settings.json"
     discard = partial.exists() and not args.resume
     if partial.exists() and args.resume:
@@ -354,7 +412,7 @@ def cmd_prune(args) -> int:
         raise UsageError(f"--model: {exc}") from None
     batches = None
     calib_line = "calibration: none (magnitude pruning uses no activations)"
-    if config.method == "wanda":
+    if config.method == "wanda" or args.probe:  # the probe needs batches for its gradients
         try:
             batches = data.calibration_batches(
                 tokenizer, args.calib, nsamples=sizes["nsamples"], seqlen=sizes["seqlen"], seed=args.seed
@@ -381,7 +439,10 @@ def cmd_prune(args) -> int:
 
     config, alloc = allocation.config_from_cli(args, config, model, batches)
     try:
-        report = prune(model, batches, config, resume_dir=partial / "checkpoint")
+        if args.probe:
+            report = _run_probe(args, model, batches, config)
+        else:
+            report = prune(model, batches, config, resume_dir=partial / "checkpoint")
     except KeyboardInterrupt:
         print(
             f"\ninterrupted; rerun the same command to resume from the last finished layer ({partial})",

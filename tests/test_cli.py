@@ -85,6 +85,9 @@ def _prune_args(model_dir, text, out, *extra):
         (["--calib", "/no/such/file.txt"], "--calib '/no/such/file.txt' is not a text file"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
         (["--seqlen", "100000"], "fewer than one window of seqlen=100000"),
+        (["--probe", "--structure", "2:4"], "--probe cannot be combined with --structure 2:4"),
+        (["--probe", "--reduction-factor", "0"], "--reduction-factor must be in (0, 1)"),
+        (["--probe", "--gradient-threshold", "-1"], "must be >= 0"),
     ],
 )
 def test_bad_arguments_exit_2_and_write_nothing(workspace, tmp_path, capsys, extra, message):
@@ -288,3 +291,24 @@ def test_unsupported_model_family_exit_2(workspace, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unsupported model family 'gpt2'" in err and "llama" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
+
+
+def test_prune_with_probe_equals_probe_prune_(workspace, tmp_path, capsys):
+    model_dir, text = workspace
+    out = tmp_path / "probed"
+    args = _prune_args(model_dir, text, out, "--probe", "--reduction-factor", "0.2", "--gradient-threshold", "0.1")
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    pruned = AutoModelForCausalLM.from_pretrained(out)
+    ref, tok = io.load_model(model_dir)
+    batches = calibration_batches(tok, str(text), nsamples=4, seqlen=32, seed=0)
+    masks = gradprobe.probe_prune_(
+        ref, batches, 0.5, method="wanda", scope="row", reduction_factor=0.2, gradient_threshold=0.1, mode="model"
+    )
+    for (name, p), (_, q) in zip(pruned.named_parameters(), ref.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    report = json.loads((out / "prune_report.json").read_text())
+    pruned_count = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    assert report["totals"]["sparsity"] == pytest.approx(pruned_count / total)
+    assert 0 < pruned_count <= total // 2
