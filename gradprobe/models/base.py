@@ -87,15 +87,19 @@ class ModelAdapter:
         position_ids: torch.Tensor,
     ) -> Any:
         """The mask object layer ``layer_idx`` takes, built as the model's own forward builds it."""
-        from transformers.masking_utils import create_causal_mask
-
-        return create_causal_mask(
+        return self.mask_builder(model, layer_idx)(
             config=model.config,
             inputs_embeds=hidden,
             attention_mask=attention_mask,
             past_key_values=None,
             position_ids=position_ids,
         )
+
+    def mask_builder(self, model: nn.Module, layer_idx: int) -> Any:
+        """The transformers mask factory for layer ``layer_idx`` (full causal attention here)."""
+        from transformers.masking_utils import create_causal_mask
+
+        return create_causal_mask
 
     def layer_forward_kwargs(
         self,
