@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "radix_select.h"
+#include "score_cpu.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -50,30 +51,6 @@ constexpr int64_t kChunk = 1 << 16;      // global ops: elements per parallel ta
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
 
-const char* kFiniteHint =
-    "pruning needs finite weights: fix the overflow upstream or replace them with torch.nan_to_num";
-
-// |norm| as a contiguous fp32 vector (empty = magnitude score), after validating it against `in`.
-std::vector<float> abs_norm(const at::Tensor& norm, int64_t in, const std::string& name, const std::string& wname) {
-  TORCH_CHECK_VALUE(norm.device().is_cpu(), name, " must be a CPU tensor (got ", norm.device(),
-                    "); the C++ backend implements CPU only");
-  TORCH_CHECK_TYPE(norm.scalar_type() == at::kFloat, name, " must be float32 (per-input-channel norms), got ",
-                   norm.scalar_type(), "; pass ", name, ".float()");
-  TORCH_CHECK_VALUE(norm.dim() == 1 && norm.size(0) == in, name, " must have shape (", in, ",) = (", wname,
-                    ".shape[1],), got ", norm.sizes());
-  at::Tensor c = norm.contiguous();
-  const float* p = c.data_ptr<float>();
-  std::vector<float> out(static_cast<size_t>(in));
-  uint32_t bad = 0;
-  for (int64_t j = 0; j < in; ++j) {
-    const float a = bits_f32(f32_bits(p[j]) & kKeyMask);
-    bad |= static_cast<uint32_t>(f32_bits(a) >= kInfBits);
-    out[j] = a;
-  }
-  TORCH_CHECK_VALUE(!bad, name, " contains NaN or Inf; activation norms must be finite");
-  return out;
-}
-
 // Fresh bool output of `sizes`. Large ones ask the kernel for transparent huge pages: a 45 MB mask
 // otherwise costs ~11k first-touch page faults, a sizeable share of the whole op (a hint only).
 at::Tensor empty_mask(at::IntArrayRef sizes, const at::TensorOptions& like) {
@@ -85,15 +62,6 @@ at::Tensor empty_mask(at::IntArrayRef sizes, const at::TensorOptions& like) {
   if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
 #endif
   return m;
-}
-
-void check_weight(const at::Tensor& w, const std::string& name) {
-  TORCH_CHECK_VALUE(w.device().is_cpu(), name, " must be a CPU tensor (got ", w.device(),
-                    "); the C++ backend implements CPU only");
-  TORCH_CHECK_VALUE(w.dim() == 2, name, " must be 2-D (out_features, in_features), got shape ", w.sizes());
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
-                   name, " must be float32, bfloat16 or float16, got ", w.scalar_type(), "; convert it first");
-  TORCH_CHECK_VALUE(w.is_contiguous(), name, " must be contiguous; call .contiguous() first");
 }
 
 // keys[j] = key(score(w[j], nrm[j])) for j < n; returns nonzero iff some w[j] is NaN/Inf.

@@ -4,7 +4,9 @@ The dispatcher picks the device (``register_kernel(op, "cpu" | "cuda")``); this 
 backend for that device:
 
 * ``auto`` (default): CPU -> ``cpp`` if ``gradprobe._C`` loaded, else ``reference``;
-  CUDA -> ``triton`` if Triton imports, else ``reference``; any other device -> ``reference``.
+  CUDA -> ``cpp`` for the ops ``gradprobe._C`` has CUDA kernels for (the 2:4 packer, when the
+  extension was built with CUDA), else ``triton`` if Triton imports, else ``reference``; any other
+  device -> ``reference``.
   An automatic choice that is unavailable falls back silently (one warning for ``_C``).
 * ``reference`` | ``cpp`` | ``triton``: forced with ``GRADPROBE_BACKEND`` or :func:`use_backend`.
   A forced backend that cannot run raises :class:`BackendUnavailableError` with a diagnosis.
@@ -21,7 +23,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
-_AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("triton", "reference")}
+_AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cpp", "triton", "reference")}
 # module whose import registers a backend's implementations
 _BACKEND_MODULES = {
     "reference": "gradprobe.ops.reference",
@@ -30,6 +32,8 @@ _BACKEND_MODULES = {
 }
 
 _IMPLS: dict[str, dict[str, Callable]] = {b: {} for b in BACKENDS if b != "auto"}
+# (backend, op) -> device types it implements; absent = every device the backend runs on
+_DEVICES: dict[tuple[str, str], frozenset[str]] = {}
 _LOAD_ERRORS: dict[str, str] = {}
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("gradprobe_backend", default=None)
 
@@ -38,11 +42,17 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here; the message says why and what to do."""
 
 
-def impl(op: str, backend: str) -> Callable[[Callable], Callable]:
-    """Decorator: register ``fn`` as ``backend``'s implementation of ``gradprobe::op``."""
+def impl(op: str, backend: str, devices: tuple[str, ...] | None = None) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as ``backend``'s implementation of ``gradprobe::op``.
+
+    ``devices``: the device types ``fn`` implements (the compiled extension registers CUDA kernels
+    for some ops only); None = every device type the backend runs on.
+    """
 
     def deco(fn: Callable) -> Callable:
         _IMPLS[backend][op] = fn
+        if devices is not None:
+            _DEVICES[(backend, op)] = frozenset(devices)
         return fn
 
     return deco
@@ -78,8 +88,8 @@ def _why_unavailable(backend: str, device_type: str) -> str | None:
                 "Triton kernels run on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 "
                 "in the environment before gradprobe (and triton) are imported, or move tensors to CUDA"
             )
-    if backend == "cpp" and device_type != "cpu":
-        return f"the C++ backend (gradprobe._C) implements CPU tensors only (got a {device_type} tensor)"
+    if backend == "cpp" and device_type not in ("cpu", "cuda"):
+        return f"the compiled backend (gradprobe._C) implements CPU and CUDA tensors only (got a {device_type} tensor)"
     if backend not in _LOAD_ERRORS and not _IMPLS[backend]:
         try:
             importlib.import_module(_BACKEND_MODULES[backend])
@@ -94,12 +104,16 @@ def _why_unavailable(backend: str, device_type: str) -> str | None:
     return None
 
 
+def _implements(backend: str, op: str, device_type: str) -> bool:
+    return op in _IMPLS[backend] and device_type in _DEVICES.get((backend, op), (device_type,))
+
+
 def resolve(op: str, device_type: str) -> tuple[str, Callable]:
     """(backend name, implementation) of ``gradprobe::op`` for tensors on ``device_type``."""
     requested = requested_backend()
     if requested == "auto":
         for backend in _AUTO_ORDER.get(device_type, ("reference",)):
-            if _why_unavailable(backend, device_type) is None and op in _IMPLS[backend]:
+            if _why_unavailable(backend, device_type) is None and _implements(backend, op, device_type):
                 return backend, _IMPLS[backend][op]
         raise NotImplementedError(f"gradprobe::{op} has no implementation for {device_type} tensors")
     why = _why_unavailable(requested, device_type)
@@ -108,6 +122,14 @@ def resolve(op: str, device_type: str) -> tuple[str, Callable]:
     if op not in _IMPLS[requested]:
         raise BackendUnavailableError(
             f"gradprobe::{op} has no {requested} implementation; use GRADPROBE_BACKEND=auto"
+        )
+    if not _implements(requested, op, device_type):
+        has = ", ".join(sorted(_DEVICES[(requested, op)])) or "no device"
+        hint = (" (the CUDA kernels of gradprobe._C are built only when torch has CUDA and nvcc is found at "
+                "install time)" if requested == "cpp" and device_type == "cuda" else "")
+        raise BackendUnavailableError(
+            f"GRADPROBE_BACKEND={requested} requested for gradprobe::{op} on a {device_type} tensor, but that "
+            f"backend implements it for {has} tensors only{hint}; use GRADPROBE_BACKEND=auto"
         )
     return requested, _IMPLS[requested][op]
 

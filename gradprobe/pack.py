@@ -1,29 +1,17 @@
 """2:4 packing: dense 2:4-sparse weights <-> the CUTLASS layout or the compressed-tensors bitmask layout.
 
 :func:`pack_24` / :func:`unpack_24` validate, then run ``torch.ops.gradprobe.pack_24_*`` /
-``unpack_24_*`` (schemas and layouts: ``gradprobe/ops/_schemas.py``): on CPU the C++ backend when
-``gradprobe._C`` is built, else the plain-PyTorch reference; on CUDA the CUDA kernels of
-``csrc/pack_24.cu`` when the extension was built with CUDA (and the backend is ``auto``), else the
-reference.
+``unpack_24_*`` (schemas and layouts: ``gradprobe/ops/_schemas.py``). The backend registry picks the
+implementation by device (``gradprobe/_backend.py``): the compiled ``cpp`` backend — C++ on CPU, the
+CUDA kernels of ``csrc/pack_24.cu`` on CUDA when the extension was built with CUDA — else the
+plain-PyTorch reference.
 """
 
 from __future__ import annotations
 
 import torch
 
-from gradprobe._backend import requested_backend
-
 FORMATS = ("cutlass", "bitmask")
-
-
-def _op(name: str, device: torch.device):
-    """``gradprobe::name``, or ``gradprobe_cpp::name``'s CUDA kernel for CUDA tensors when it was built."""
-    if device.type == "cuda" and requested_backend() == "auto":
-        from gradprobe import _extension
-
-        if _extension.available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"gradprobe_cpp::{name}", "CUDA"):
-            return getattr(torch.ops.gradprobe_cpp, name)
-    return getattr(torch.ops.gradprobe, name)
 
 
 def _check_format(format: str) -> None:
@@ -62,8 +50,8 @@ def pack_24(weight: torch.Tensor, format: str = "cutlass", *, scores: torch.Tens
     w = weight.contiguous()
     s = None if scores is None else scores.contiguous()
     if format == "cutlass":
-        return tuple(_op("pack_24_cutlass", w.device)(w, s))
-    values, bitmask = _op("pack_24_bitmask", w.device)(w, s)
+        return tuple(torch.ops.gradprobe.pack_24_cutlass(w, s))
+    values, bitmask = torch.ops.gradprobe.pack_24_bitmask(w, s)
     return values, bitmask, [int(w.shape[0]), int(w.shape[1])]
 
 
@@ -91,7 +79,7 @@ def unpack_24(*parts, format: str | None = None) -> torch.Tensor:
         if len(parts) != 2:
             raise ValueError(f'unpack_24(format="cutlass") takes (packed, meta), got {len(parts)} arguments')
         packed, meta = parts
-        return _op("unpack_24_cutlass", packed.device)(packed, meta)
+        return torch.ops.gradprobe.unpack_24_cutlass(packed, meta)
     if len(parts) != 3:
         raise ValueError(f'unpack_24(format="bitmask") takes (values, bitmask, shape), got {len(parts)} arguments')
     values, bitmask, shape = parts
@@ -101,4 +89,4 @@ def unpack_24(*parts, format: str | None = None) -> torch.Tensor:
             f"unpack_24(bitmask): shape must be [rows, cols] with rows = values.shape[0] = "
             f"{values.shape[0] if values.dim() else '?'}, got {shape}"
         )
-    return _op("unpack_24_bitmask", values.device)(values, bitmask, shape[1])
+    return torch.ops.gradprobe.unpack_24_bitmask(values, bitmask, shape[1])

@@ -121,3 +121,21 @@ def test_cpp_schemas_equal_the_gradprobe_schemas():
         mine = str(getattr(torch.ops.gradprobe_cpp, op).default._schema).replace("gradprobe_cpp::", "")
         theirs = str(getattr(torch.ops.gradprobe, op).default._schema).replace("gradprobe::", "")
         assert mine == theirs, f"{op}: {mine} != {theirs}"
+
+
+@pytest.mark.skipif(not _extension.available(), reason=f"gradprobe._C not built: {_extension.diagnosis()}")
+def test_compiled_backend_is_registered_per_device(monkeypatch):
+    """The cpp backend serves a device only where gradprobe._C registered a kernel for it: CUDA tensors
+    get the compiled 2:4 packer only when it was built with CUDA, else the next backend in line."""
+    monkeypatch.delenv("GRADPROBE_BACKEND", raising=False)
+    built_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("gradprobe_cpp::pack_24_cutlass", "CUDA")
+    assert (_backend.resolve("pack_24_cutlass", "cuda")[0] == "cpp") == built_cuda
+    assert _backend.resolve("row_mask", "cuda")[0] != "cpp"  # no CUDA kernel in _C: Triton or reference
+    if not built_cuda:
+        with _backend.use_backend("cpp"), pytest.raises(_backend.BackendUnavailableError, match="built only when torch has CUDA"):
+            _backend.resolve("pack_24_cutlass", "cuda")
+    # as if the extension had been built with CUDA: auto prefers the compiled kernel on CUDA tensors
+    monkeypatch.setitem(_backend._DEVICES, ("cpp", "pack_24_cutlass"), frozenset({"cpu", "cuda"}))
+    assert _backend.resolve("pack_24_cutlass", "cuda")[0] == "cpp"
+    with _backend.use_backend("cpp"), pytest.raises(_backend.BackendUnavailableError, match="for cpu tensors only"):
+        _backend.resolve("row_mask", "cuda")
