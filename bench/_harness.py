@@ -510,3 +510,12 @@ def target_line(label: str, value: float | None, goal: float, *, at_most: bool =
     return (
         f"- {label}: {value:.1f}x (target {'<=' if at_most else '>='} {goal:g}x) {'PASS' if ok else 'MISS'}"
     )
+
+
+def optional_pytest():
+    """The ``pytest`` module for a bench script's pytest-benchmark cases, or None (scripts run without it)."""
+    try:
+        import pytest
+    except ImportError:
+        return None
+    return pytest

@@ -28,16 +28,7 @@ from _harness import peak_memory_delta  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import gradprobe  # noqa: E402
-
-LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+from gradprobe.models.base import LLAMA_LINEARS  # noqa: E402
 
 
 def build(layers: int, dtype: torch.dtype, max_context: int) -> LlamaForCausalLM:
@@ -97,7 +88,7 @@ def reference_style_wanda(model, batches, sparsity: float, max_context: int):
     kw = cache["kw"]
     dtype = next(model.parameters()).dtype
     for layer in layers:
-        subset = {name: layer.get_submodule(name) for name in LINEARS}
+        subset = {name: layer.get_submodule(name) for name in LLAMA_LINEARS}
         scaler = {name: torch.zeros(m.in_features) for name, m in subset.items()}
         count = {name: 0 for name in subset}
 
@@ -150,7 +141,7 @@ def main() -> None:
         zeros = {
             (i, n): (lay.get_submodule(n).weight == 0)
             for i, lay in enumerate(model.model.layers)
-            for n in LINEARS
+            for n in LLAMA_LINEARS
         }
         results.append((label, secs, peak, zeros))
 

@@ -44,12 +44,8 @@ from shapes import MODELS  # noqa: E402
 import gradprobe  # noqa: E402
 from gradprobe.select import num_pruned  # noqa: E402
 
-try:
-    import pytest
-
-    pytestmark = pytest.mark.benchmark
-except ImportError:  # the script runs without pytest
-    pytest = None
+pytest = H.optional_pytest()
+pytestmark = pytest.mark.benchmark if pytest is not None else []
 
 SPARSITY = 0.5
 # each gradprobe row is compared with the baseline producing the same output (the in-place op with
@@ -110,11 +106,68 @@ def nbytes(ws, ns, mode: str) -> int:
     ]
 
 
+def run_case(b: H.Bench, ws, ns, label: str, case: str, fn, mode: str, **kw) -> None:
+    """One row for the group (ws, ns): ``nbytes`` from ``mode``, the dtype of ``ws[0]``."""
+    b.run(case, fn, problem=label, dtype=ws[0].dtype, nbytes=nbytes(ws, ns, mode), mode=mode, **kw)
+
+
+def bench_gradprobe(b: H.Bench, ws, ns, label: str, budget_s: float, extra: dict, check=None) -> None:
+    """gradprobe's global threshold, then its masks, on one group (``check`` runs before the first)."""
+    run_case(
+        b,
+        ws,
+        ns,
+        label,
+        "gradprobe.kth_threshold(global)",
+        lambda: gradprobe.kth_threshold(ws, SPARSITY, norm=ns, scope="global"),
+        "threshold",
+        backend=H.backend_for("global_threshold", b.device),
+        check=check,
+        budget_s=budget_s,
+        extra=extra,
+    )
+    run_case(
+        b,
+        ws,
+        ns,
+        label,
+        "gradprobe.global_prune_masks",
+        lambda: gradprobe.global_prune_masks(ws, SPARSITY, norms=ns),
+        "mask",
+        backend=H.backend_for("global_mask", b.device),
+        budget_s=budget_s,
+        extra=extra,
+    )
+
+
+def bench_inplace(b: H.Bench, ws, ns, label: str, budget_s: float, extra: dict | None = None) -> None:
+    """Select + in-place mask of the group; every call gets the weights restored (untimed)."""
+    work = [w.clone() for w in ws]
+
+    def restore():
+        for x, w in zip(work, ws, strict=True):
+            x.copy_(w)
+
+    run_case(
+        b,
+        ws,
+        ns,
+        label,
+        "gradprobe.global_prune_",
+        lambda: gradprobe.global_prune_(work, SPARSITY, norms=ns),
+        "inplace",
+        setup=restore,
+        backend=H.backend_for("global_prune_", b.device),
+        budget_s=budget_s,
+        extra=extra,
+    )
+
+
 def bench_baseline_size(b: H.Bench, ws, ns, label: str, budget_s: float, inplace: bool = True) -> None:
     """gradprobe vs concat + kthvalue on a group small enough for the baseline; checked first."""
     n = sum(w.numel() for w in ws)
     k = num_pruned(n, SPARSITY)
-    dt = ws[0].dtype
+    extra = {"scores": n}
 
     def check():
         base = bl.global_concat_kthvalue_threshold(ws, ns, k)
@@ -122,79 +175,33 @@ def bench_baseline_size(b: H.Bench, ws, ns, label: str, budget_s: float, inplace
         H.check_equal(t.value, base, "global threshold vs concat+kthvalue")
         verify_global_masks(ws, ns, gradprobe.global_prune_masks(ws, SPARSITY, norms=ns), k, t.value, t.take)
 
-    b.run(
-        "gradprobe.kth_threshold(global)",
-        lambda: gradprobe.kth_threshold(ws, SPARSITY, norm=ns, scope="global"),
-        problem=label,
-        dtype=dt,
-        nbytes=nbytes(ws, ns, "threshold"),
-        mode="threshold",
-        backend=H.backend_for("global_threshold", b.device),
-        check=check,
-        budget_s=budget_s,
-        extra={"scores": n},
-    )
-    b.run(
-        "gradprobe.global_prune_masks",
-        lambda: gradprobe.global_prune_masks(ws, SPARSITY, norms=ns),
-        problem=label,
-        dtype=dt,
-        nbytes=nbytes(ws, ns, "mask"),
-        mode="mask",
-        backend=H.backend_for("global_mask", b.device),
-        budget_s=budget_s,
-        extra={"scores": n},
-    )
+    bench_gradprobe(b, ws, ns, label, budget_s, extra, check)
     if inplace:
-        work = [w.clone() for w in ws]
-
-        def restore():
-            for x, w in zip(work, ws, strict=True):
-                x.copy_(w)
-
-        b.run(
-            "gradprobe.global_prune_",
-            lambda: gradprobe.global_prune_(work, SPARSITY, norms=ns),
-            problem=label,
-            dtype=dt,
-            nbytes=nbytes(ws, ns, "inplace"),
-            mode="inplace",
-            setup=restore,
-            backend=H.backend_for("global_prune_", b.device),
-            budget_s=budget_s,
-            extra={"scores": n},
+        bench_inplace(b, ws, ns, label, budget_s, extra)
+    baselines = (
+        ("concat + torch.kthvalue", bl.global_concat_kthvalue_threshold, "threshold"),
+        ("concat + kthvalue, masks score <= t", bl.global_concat_kthvalue_masks, "mask"),
+    )
+    for case, fn, mode in baselines:
+        run_case(
+            b,
+            ws,
+            ns,
+            label,
+            case,
+            lambda fn=fn: fn(ws, ns, k),
+            mode,
+            warmup=1,
+            min_reps=2,
+            budget_s=max(budget_s, 6.0),  # >= 2 timed calls of a ~5 s baseline
+            extra=extra,
         )
-    b.run(
-        "concat + torch.kthvalue",
-        lambda: bl.global_concat_kthvalue_threshold(ws, ns, k),
-        problem=label,
-        dtype=dt,
-        nbytes=nbytes(ws, ns, "threshold"),
-        mode="threshold",
-        warmup=1,
-        min_reps=2,
-        budget_s=max(budget_s, 6.0),  # >= 2 timed calls of a ~5 s baseline
-        extra={"scores": n},
-    )
-    b.run(
-        "concat + kthvalue, masks score <= t",
-        lambda: bl.global_concat_kthvalue_masks(ws, ns, k),
-        problem=label,
-        dtype=dt,
-        nbytes=nbytes(ws, ns, "mask"),
-        mode="mask",
-        warmup=1,
-        min_reps=2,
-        budget_s=max(budget_s, 6.0),
-        extra={"scores": n},
-    )
 
 
 def bench_big(b: H.Bench, ws, ns, label: str, budget_s: float, note: str) -> dict:
     """gradprobe on the big group: verify, measure extra memory, then time select and select + masks."""
     n = sum(w.numel() for w in ws)
     k = num_pruned(n, SPARSITY)
-    dt = ws[0].dtype
     scores_bytes = 4 * n
 
     t, mem_thr = H.peak_memory_delta(
@@ -215,28 +222,7 @@ def bench_big(b: H.Bench, ws, ns, label: str, budget_s: float, note: str) -> dic
         "tensors": len(ws),
         "inputs": note,
     }
-    b.run(
-        "gradprobe.kth_threshold(global)",
-        lambda: gradprobe.kth_threshold(ws, SPARSITY, norm=ns, scope="global"),
-        problem=label,
-        dtype=dt,
-        nbytes=nbytes(ws, ns, "threshold"),
-        mode="threshold",
-        backend=H.backend_for("global_threshold", b.device),
-        budget_s=budget_s,
-        extra=mem,
-    )
-    b.run(
-        "gradprobe.global_prune_masks",
-        lambda: gradprobe.global_prune_masks(ws, SPARSITY, norms=ns),
-        problem=label,
-        dtype=dt,
-        nbytes=nbytes(ws, ns, "mask"),
-        mode="mask",
-        backend=H.backend_for("global_mask", b.device),
-        budget_s=budget_s,
-        extra=mem,
-    )
+    bench_gradprobe(b, ws, ns, label, budget_s, mem)
     return mem
 
 
@@ -299,7 +285,7 @@ def main(argv=None) -> None:
     else:
         mem = bench_big(b, ws, ns, big_label, a.budget, note)
         if dev == "cuda":
-            bench_inplace_whole(b, ws, ns, big_label, a.budget)
+            bench_inplace(b, ws, ns, big_label, a.budget)  # CUDA: the whole model
 
     print()
     print(b.table(vs=SAME_OUTPUT_BASELINE))
@@ -340,27 +326,6 @@ def main(argv=None) -> None:
         )
     if not a.no_csv:
         print(f"\nappended {len(b.rows)} rows to {b.save_csv()}")
-
-
-def bench_inplace_whole(b: H.Bench, ws, ns, label: str, budget_s: float) -> None:
-    """CUDA: select + in-place mask of the whole model; every call gets the weights restored (untimed)."""
-    work = [w.clone() for w in ws]
-
-    def restore():
-        for x, w in zip(work, ws, strict=True):
-            x.copy_(w)
-
-    b.run(
-        "gradprobe.global_prune_",
-        lambda: gradprobe.global_prune_(work, SPARSITY, norms=ns),
-        problem=label,
-        dtype=ws[0].dtype,
-        nbytes=nbytes(ws, ns, "inplace"),
-        mode="inplace",
-        setup=restore,
-        backend=H.backend_for("global_prune_", b.device),
-        budget_s=budget_s,
-    )
 
 
 # ---- pytest-benchmark cases (run: pytest bench/bench_global_select.py -m benchmark --benchmark-enable) ----

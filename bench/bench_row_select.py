@@ -31,12 +31,8 @@ import gradprobe  # noqa: E402
 from gradprobe.ops import reference as ref  # noqa: E402
 from gradprobe.select import num_pruned  # noqa: E402
 
-try:
-    import pytest
-
-    pytestmark = pytest.mark.benchmark
-except ImportError:  # the script runs without pytest
-    pytest = None
+pytest = H.optional_pytest()
+pytestmark = pytest.mark.benchmark if pytest is not None else []
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BASELINES = ("sort", "topk", "kthvalue", "block128", "flat_kthvalue", "sum")
@@ -83,16 +79,20 @@ def bench_problem(
     def check_mask(fn, what):
         return lambda: H.check_masks_equal(fn(w, norm), expected, what)
 
-    b.run(
+    def case(name, timed, mode, **kw):
+        b.run(name, timed, problem=label, dtype=w.dtype, nbytes=nb(mode), mode=mode, budget_s=budget_s, **kw)
+
+    def torch_baseline(name, fn, check=None):
+        """A slow torch baseline mask ``fn(W, norm)``: no warm-up, two timed calls are enough."""
+        case(name, one(fn), "mask", min_reps=2, warmup=0, check=check)
+
+    prune_mask = lambda x, n: gradprobe.prune_mask(x, SPARSITY, norm=n)
+    case(
         "gradprobe.prune_mask",
-        one(lambda x, n: gradprobe.prune_mask(x, SPARSITY, norm=n)),
-        problem=label,
-        dtype=w.dtype,
-        nbytes=nb("mask"),
-        mode="mask",
+        one(prune_mask),
+        "mask",
         backend=backend,
-        budget_s=budget_s,
-        check=check_mask(lambda x, n: gradprobe.prune_mask(x, SPARSITY, norm=n), "gradprobe.prune_mask"),
+        check=check_mask(prune_mask, "gradprobe.prune_mask"),
     )
 
     # in place: each timed call gets a restored copy; the copy used last is restored after it, so
@@ -117,17 +117,13 @@ def bench_problem(
         H.check_masks_equal(x.eq(0), w.eq(0) | expected, "gradprobe.prune_ zeroed weights")
         H.check_equal(x[~expected], w[~expected], "gradprobe.prune_ kept weights")
 
-    b.run(
+    case(
         "gradprobe.prune_",
         lambda: gradprobe.prune_(pool[state["i"]], SPARSITY, norm=norm),
-        problem=label,
-        dtype=w.dtype,
-        nbytes=nb("inplace"),
-        mode="inplace",
+        "inplace",
         backend=H.backend_for("row_prune_", dev),
         setup=setup,
         check=check_inplace,
-        budget_s=budget_s,
     )
 
     def check_thr():
@@ -135,31 +131,17 @@ def bench_problem(
         H.check_equal(t.value, thr, "kth_threshold value")
         H.check_equal(t.take, take, "kth_threshold take")
 
-    b.run(
+    case(
         "gradprobe.kth_threshold",
         one(lambda x, n: gradprobe.kth_threshold(x, SPARSITY, norm=n)),
-        problem=label,
-        dtype=w.dtype,
-        nbytes=nb("threshold"),
-        mode="threshold",
+        "threshold",
         backend=H.backend_for("row_threshold", dev),
         check=check_thr,
-        budget_s=budget_s,
     )
 
     if "sort" in baselines:
-        b.run(
-            "torch.sort+scatter (Wanda)",
-            one(lambda x, n: bl.row_sort_mask(x, n, k)),
-            problem=label,
-            dtype=w.dtype,
-            nbytes=nb("mask"),
-            mode="mask",
-            min_reps=2,
-            warmup=0,
-            budget_s=budget_s,
-            check=check_mask(lambda x, n: bl.row_sort_mask(x, n, k), "row_sort_mask"),
-        )
+        sort_mask = lambda x, n: bl.row_sort_mask(x, n, k)
+        torch_baseline("torch.sort+scatter (Wanda)", sort_mask, check_mask(sort_mask, "row_sort_mask"))
     if "topk" in baselines:
 
         def check_topk():
@@ -170,44 +152,19 @@ def bench_problem(
             )
             H.check_equal(bl.row_topk_threshold(w, norm, k), thr, "topk threshold")
 
-        b.run(
-            "torch.topk+scatter",
-            one(lambda x, n: bl.row_topk_mask(x, n, k)),
-            problem=label,
-            dtype=w.dtype,
-            nbytes=nb("mask"),
-            mode="mask",
-            min_reps=2,
-            warmup=0,
-            budget_s=budget_s,
-            check=check_topk,
-        )
+        torch_baseline("torch.topk+scatter", lambda x, n: bl.row_topk_mask(x, n, k), check_topk)
     if "kthvalue" in baselines:
-        b.run(
+        torch_baseline(
             "torch.kthvalue + <=",
-            one(lambda x, n: bl.row_kthvalue_mask(x, n, k)),
-            problem=label,
-            dtype=w.dtype,
-            nbytes=nb("mask"),
-            mode="mask",
-            min_reps=2,
-            warmup=0,
-            budget_s=budget_s,
-            check=lambda: H.check_equal(bl.row_kthvalue_threshold(w, norm, k), thr, "kthvalue threshold"),
+            lambda x, n: bl.row_kthvalue_mask(x, n, k),
+            lambda: H.check_equal(bl.row_kthvalue_threshold(w, norm, k), thr, "kthvalue threshold"),
         )
     if "block128" in baselines and w.shape[1] % bl.BLOCK == 0:
         kb = num_pruned(bl.BLOCK, SPARSITY)
-        b.run(
+        torch_baseline(
             "128-col block sort (other groups)",
-            one(lambda x, n: bl.row_block_sort_mask(x, n, kb)),
-            problem=label,
-            dtype=w.dtype,
-            nbytes=nb("mask"),
-            mode="mask",
-            min_reps=2,
-            warmup=0,
-            budget_s=budget_s,
-            check=lambda: H.check_masks_equal(
+            lambda x, n: bl.row_block_sort_mask(x, n, kb),
+            lambda: H.check_masks_equal(
                 bl.row_block_sort_mask(w, norm, kb),
                 ref.stable_rank_mask(s.reshape(-1, bl.BLOCK), kb).reshape(w.shape),
                 "block sort",
@@ -222,38 +179,16 @@ def bench_problem(
                 t.value, bl.flat_kthvalue_threshold(w, norm, kl), "layer threshold vs flat kthvalue"
             )
 
-        b.run(
+        case(
             "gradprobe.prune_mask(scope=layer)",
             one(lambda x, n: gradprobe.prune_mask(x, SPARSITY, norm=n, scope="layer")),
-            problem=label,
-            dtype=w.dtype,
-            nbytes=nb("mask"),
-            mode="mask",
+            "mask",
             backend=H.backend_for("global_threshold", dev),
             check=check_layer,
-            budget_s=budget_s,
         )
-        b.run(
-            "flat torch.kthvalue + <= (layer)",
-            one(lambda x, n: bl.flat_kthvalue_mask(x, n, kl)),
-            problem=label,
-            dtype=w.dtype,
-            nbytes=nb("mask"),
-            mode="mask",
-            min_reps=2,
-            warmup=0,
-            budget_s=budget_s,
-        )
+        torch_baseline("flat torch.kthvalue + <= (layer)", lambda x, n: bl.flat_kthvalue_mask(x, n, kl))
     if "sum" in baselines:
-        b.run(
-            "torch.sum (one read, floor)",
-            one(lambda x, n: bl.sum_pass(x)),
-            problem=label,
-            dtype=w.dtype,
-            nbytes=nb("floor"),
-            mode="floor",
-            budget_s=budget_s,
-        )
+        case("torch.sum (one read, floor)", one(lambda x, n: bl.sum_pass(x)), "floor")
 
 
 def targets(b: H.Bench, label: str) -> list[str]:

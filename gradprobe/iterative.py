@@ -211,13 +211,9 @@ def iterative_prune_(
     elif not callable(evaluate):
         raise TypeError(f"evaluate must be callable(model) -> float, got {type(evaluate).__name__}")
     # validate everything the probe would reject before touching the model
-    from gradprobe.probe import _check_args, _check_batches
+    from gradprobe.probe import _probe_arguments
 
-    _check_args(schedule.initial, probe_kwargs.get("method", "wanda"), probe_kwargs.get("scope", "row"),
-                probe_kwargs.get("mode", "layerwise"), probe_kwargs.get("order", "reverse"),
-                probe_kwargs.get("reduction_factor", 0.1), threshold, None, probe_kwargs.get("loss"),
-                probe_kwargs.get("norms"))
-    _check_batches(batches)
+    _probe_arguments(model, batches, schedule.initial, {**probe_kwargs, "gradient_threshold": threshold})
 
     params = _probed_params(model)
     ckpt = _Checkpoint(checkpoint_dir, schedule, probe_kwargs, threshold, params) if checkpoint_dir is not None else None

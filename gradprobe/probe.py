@@ -39,6 +39,7 @@ raises ``ValueError``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -428,11 +429,11 @@ def _probe_group(runner: _Runner, targets: Sequence[_Target], loss_of_batch, can
         masks = cands()
         backups = []
         with torch.no_grad():
-            for p, m in zip(params, masks):
+            for p, m in zip(params, masks, strict=True):
                 b = p.data[m]  # the only copy the probe keeps: original candidate values
                 backups.append(b)
                 p.data.masked_scatter_(m, b * r)
-            g0c = [g[m].to(torch.float32) for g, m in zip(g0, masks)]
+            g0c = [g[m].to(torch.float32) for g, m in zip(g0, masks, strict=True)]
             del g0
         g1 = runner.grad_pass(params, loss_of_batch)
     finally:
@@ -440,37 +441,21 @@ def _probe_group(runner: _Runner, targets: Sequence[_Target], loss_of_batch, can
             p.requires_grad_(False)
     out = {}
     with torch.no_grad():
-        for t, m, b, a, g in zip(targets, masks, backups, g0c, g1):
+        for t, m, b, a, g in zip(targets, masks, backups, g0c, g1, strict=True):
             tp = TensorProbe(t.name, t.layer, t.linear, t.param, m, b, a, g[m].to(torch.float32))
             tp.apply_(resolve_threshold(threshold, t.name, t.layer, t.linear, t.param.numel(), n_max))
             out[t.name] = tp
     return out
 
 
-def probe(
-    model: nn.Module,
-    batches: torch.Tensor | Sequence[torch.Tensor],
-    sparsity: float,
-    *,
-    method: str = "wanda",
-    scope: str = "row",
-    reduction_factor: float = 0.1,
-    gradient_threshold: Threshold = 0.0,
-    mode: str = "layerwise",
-    order: str = "reverse",
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    norms: Mapping[str, torch.Tensor] | None = None,
-    structure: str | None = None,
-    layers: Sequence[int] | None = None,
-    progress: bool = False,
-) -> ProbeResult:
+def probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], sparsity: float, **options: Any) -> ProbeResult:
     """Run the gradient probe and prune in place; returns the :class:`ProbeResult` (masks + cache).
 
-    Arguments as :func:`probe_prune_`.
+    Arguments, defaults and errors: exactly those of :func:`probe_prune_` (``options`` are its keywords).
     """
-    sparsity, r, threshold = _check_args(sparsity, method, scope, mode, order, reduction_factor, gradient_threshold,
-                                         structure, loss, norms)
-    batch_list = _check_batches(batches)
+    a = _probe_arguments(model, batches, sparsity, options)
+    sparsity, r, threshold, batch_list = a["sparsity"], a["reduction_factor"], a["gradient_threshold"], a["batches"]
+    method, scope, mode, order, norms, layers = a["method"], a["scope"], a["mode"], a["order"], a["norms"], a["layers"]
     from gradprobe.models import get_adapter
 
     adapter = get_adapter(model)
@@ -496,7 +481,7 @@ def probe(
     model.eval()
     if use_cache is not None:
         model.config.use_cache = False
-    runner = _Runner(model, adapter, batch_list, loss)
+    runner = _Runner(model, adapter, batch_list, a["loss"])
     tensors: dict[str, TensorProbe] = {}
     try:
         for p in model.parameters():
@@ -518,7 +503,7 @@ def probe(
                     collector.remove()
         else:
             tensors = _probe_layerwise(runner, groups, batch_list, sparsity, method, scope, order, norms, r, threshold,
-                                       n_max, progress)
+                                       n_max, a["progress"])
     finally:
         for p in model.parameters():
             p.requires_grad_(grad_flags[id(p)])
@@ -568,7 +553,8 @@ def _probe_layerwise(runner, groups, batch_list, sparsity, method, scope, order,
     global_cands = None
     if scope == "global":
         global_cands = dict(zip((t.name for t in all_targets),
-                                _candidates(all_targets, sparsity, method, scope, norms if norms is not None else dense_norms)))
+                                _candidates(all_targets, sparsity, method, scope, norms if norms is not None else dense_norms),
+                                strict=True))
     tensors: dict[str, TensorProbe] = {}
     for pos, i in enumerate(tqdm(seq, desc="probe", disable=not progress)):
         targets = groups[i]
@@ -644,6 +630,23 @@ def probe_prune_(
     Raises:
         ValueError / TypeError for bad arguments, before the model is touched.
     """
-    return probe(model, batches, sparsity, method=method, scope=scope, reduction_factor=reduction_factor,
-                 gradient_threshold=gradient_threshold, mode=mode, order=order, loss=loss, norms=norms,
-                 structure=structure, layers=layers, progress=progress).masks
+    return probe(**locals()).masks  # locals() here: exactly the arguments
+
+
+probe.__signature__ = inspect.signature(probe_prune_).replace(return_annotation="ProbeResult")
+
+
+def _probe_arguments(model, batches, sparsity, options: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`probe_prune_`'s arguments by name with defaults filled in, checked before the model is
+    touched: sparsity, reduction_factor (float) and gradient_threshold normalised, batches as a list."""
+    try:
+        bound = inspect.signature(probe_prune_).bind(model, batches, sparsity, **options)
+    except TypeError as exc:
+        raise TypeError(f"{exc} (the probe takes the arguments of gradprobe.probe_prune_)") from None
+    bound.apply_defaults()
+    a = bound.arguments
+    a["sparsity"], a["reduction_factor"], a["gradient_threshold"] = _check_args(
+        a["sparsity"], a["method"], a["scope"], a["mode"], a["order"], a["reduction_factor"], a["gradient_threshold"],
+        a["structure"], a["loss"], a["norms"])
+    a["batches"] = _check_batches(batches)
+    return a

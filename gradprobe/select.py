@@ -197,7 +197,7 @@ def _prepare_global(weights, sparsity, norms) -> tuple[list[torch.Tensor], list[
             raise ValueError(f"norms has {len(norms)} entries for {len(weights)} weights; pass one per weight or None")
         if any(n is None for n in norms):
             raise ValueError("norms must hold a tensor for every weight (or be None for magnitude scores)")
-        for i, (w, n) in enumerate(zip(weights, norms)):
+        for i, (w, n) in enumerate(zip(weights, norms, strict=True)):
             check_norm(n, w, f"norms[{i}]", f"weights[{i}]")
     return weights, norms, num_pruned(sum(w.numel() for w in weights), sparsity)
 
@@ -263,7 +263,7 @@ def global_prune_(
     thr, take, _ = torch.ops.gradprobe.global_threshold(work, ns, k)  # raises on NaN before any write
     masks = [torch.empty(w.shape, dtype=torch.bool, device=w.device) for w in work]
     torch.ops.gradprobe.global_prune_(work, masks, ns, thr, take)
-    for w, c in zip(ws, work):
+    for w, c in zip(ws, work, strict=True):
         if c is not w:
             w.copy_(c)
     return masks

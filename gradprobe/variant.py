@@ -128,8 +128,7 @@ def variant_prune_(
     tol: float = DEFAULT_TOL,
 ) -> tuple[torch.Tensor, VariantResult]:
     """Zero, in place, the weights the Wanda variant selects; returns (bool mask (out, in), result)."""
-    result, thr, take = variant_alpha(weight, sparsity, norm=norm, tol=tol)
-    mask = mask_from_triple(score(weight, norm), thr, take)
+    mask, result = variant_prune_mask(weight, sparsity, norm=norm, tol=tol)
     weight.masked_fill_(mask, 0)
     return mask, result
 

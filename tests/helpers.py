@@ -1,9 +1,13 @@
-"""Shared test helpers: devices, backend parameters, verbose mask asserts, weight factories."""
+"""Shared test helpers: devices, backend parameters, verbose mask asserts, weight factories, op-registration
+skips and the C++ baseline-ISA runner."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,6 +31,7 @@ def get_available_devices() -> list[str]:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+requires_cpp = pytest.mark.skipif(not _extension.available(), reason="gradprobe._C not built")
 
 
 def _backend_skip(backend: str, device: str) -> str | None:
@@ -103,3 +108,54 @@ def assert_masks_equal(actual: torch.Tensor, expected: torch.Tensor, what: str =
 def with_backend(backend: str):
     """Context manager forcing ``backend`` for gradprobe ops."""
     return _backend.use_backend(backend)
+
+
+def require_ops(backend: str, device: str, ops) -> None:
+    """Skip when ``backend`` has not registered these ops (e.g. Triton work in progress)."""
+    with with_backend(backend):
+        try:
+            for op in ops:
+                _backend.resolve(op, device)
+        except _backend.BackendUnavailableError as exc:
+            if "has no" not in str(exc):
+                raise
+            pytest.skip(str(exc))
+
+
+def require_ops_fixture(ops):
+    """An autouse fixture for a test module: skip (with the reason) every test whose ``backend``
+    param has not registered ``ops`` yet. Use as ``_require = require_ops_fixture(("row_mask", ...))``."""
+
+    @pytest.fixture(autouse=True)
+    def _require_ops(request):
+        if "backend" in request.fixturenames:
+            require_ops(request.getfixturevalue("backend"), request.getfixturevalue("device"), ops)
+
+    return _require_ops
+
+
+_CPP_PROLOGUE = """
+import torch, gradprobe
+from gradprobe.ops import reference as ref
+from gradprobe import _extension
+_extension.load()
+cpp = torch.ops.gradprobe_cpp
+torch.manual_seed(0)
+"""
+
+
+def run_cpp_without_avx2(body: str) -> None:
+    """Run ``body`` (Python source, unindented) in a fresh interpreter with ``GRADPROBE_CPP_DISABLE_AVX2=1``,
+    so the C++ ops take their baseline (non-AVX2) path; it must exit 0. ``body`` sees ``torch``,
+    ``ref`` (gradprobe.ops.reference) and ``cpp`` (torch.ops.gradprobe_cpp), seeded with 0."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "GRADPROBE_CPP_DISABLE_AVX2": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CPP_PROLOGUE + body + '\nprint("OK")\n'],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from tiny_models import random_batches, tiny_llama
+from tiny_models import prune_argv, random_batches, save_tiny_checkpoint, tiny_llama
 
 import gradprobe
 from gradprobe.allocation import (
@@ -238,37 +238,11 @@ def test_global_and_uniform_reports(model_and_batches, tmp_path):
 # ---- CLI: gradprobe prune --allocation ... --------------------------------------------------------
 @pytest.fixture(scope="module")
 def cli_workspace(tmp_path_factory):
-    from text_helpers import SAMPLE_TEXT, char_tokenizer
-
-    root = tmp_path_factory.mktemp("alloc_cli")
-    model_dir = root / "tiny-llama"
-    tiny_llama(
-        num_layers=3, hidden=32, intermediate=64, heads=4, kv_heads=2, vocab=128, max_pos=128
-    ).save_pretrained(model_dir)
-    char_tokenizer().save_pretrained(model_dir)
-    text = root / "text.txt"
-    text.write_text(SAMPLE_TEXT)
-    return model_dir, text
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("alloc_cli"), num_layers=3)
 
 
 def _cli(model_dir, text, out, *extra):
-    return [
-        "prune",
-        "--model",
-        str(model_dir),
-        "--out",
-        str(out),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "32",
-        "--calib",
-        str(text),
-        "--no-eval",
-        "--device",
-        "cpu",
-        *extra,
-    ]
+    return prune_argv(model_dir, text, out, "--no-eval", *extra)
 
 
 @pytest.mark.parametrize(

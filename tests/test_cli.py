@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from text_helpers import SAMPLE_TEXT, char_tokenizer
-from tiny_models import tiny_llama
+from text_helpers import char_tokenizer
+from tiny_models import prune_argv, save_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
 import gradprobe.api
@@ -25,15 +25,7 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A tiny random Llama + char tokenizer saved as a safetensors checkpoint, and a text file."""
-    root = tmp_path_factory.mktemp("cli")
-    model_dir = root / "tiny-llama"
-    tiny_llama(
-        num_layers=2, hidden=32, intermediate=64, heads=4, kv_heads=2, vocab=128, max_pos=128
-    ).save_pretrained(model_dir)
-    char_tokenizer().save_pretrained(model_dir)
-    text = root / "text.txt"
-    text.write_text(SAMPLE_TEXT)
-    return model_dir, text
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("cli"), num_layers=2)
 
 
 def _digest(d: Path) -> dict[str, str]:
@@ -45,30 +37,8 @@ def _listing(d: Path) -> list[str]:
 
 
 def _prune_args(model_dir, text, out, *extra):
-    return [
-        "prune",
-        "--model",
-        str(model_dir),
-        "--out",
-        str(out),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "32",
-        "--calib",
-        str(text),
-        "--eval",
-        str(text),
-        "--eval-context",
-        "32",
-        "--eval-windows",
-        "4",
-        "--device",
-        "cpu",
-        "--batch-size",
-        "2",
-        *extra,
-    ]
+    evaluation = ("--eval", str(text), "--eval-context", "32", "--eval-windows", "4")
+    return prune_argv(model_dir, text, out, *evaluation, "--batch-size", "2", *extra)
 
 
 @pytest.mark.parametrize(

@@ -11,16 +11,8 @@ from tiny_models import random_batches, tiny_llama, tiny_mistral, tiny_qwen2
 
 import gradprobe
 from gradprobe import PruneConfig
+from gradprobe.models.base import LLAMA_LINEARS
 
-LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 BUILDERS = {"llama": tiny_llama, "mistral": tiny_mistral}
 NS, SEQ = 4, 32
 
@@ -56,7 +48,7 @@ def _capture(model, batches):
 
 def _sum_sq_hooks(layer):
     acc, handles = {}, []
-    for name in LINEARS:
+    for name in LLAMA_LINEARS:
         lin = layer.get_submodule(name)
 
         def hook(_m, args, _out, name=name, n=lin.in_features):
@@ -90,7 +82,7 @@ def reference_prune(model, batches, sparsity, scope="row", nm=None, method="wand
     masks = {}
     if method == "magnitude":
         for i, layer in enumerate(layers):
-            for name in LINEARS:
+            for name in LLAMA_LINEARS:
                 w = layer.get_submodule(name).weight
                 s = sparsity[i] if isinstance(sparsity, (list, tuple)) else sparsity
                 masks[(i, name)] = _ref_mask(w.abs().float(), s, scope, nm)
@@ -103,7 +95,7 @@ def reference_prune(model, batches, sparsity, scope="row", nm=None, method="wand
         outs = [layer(x, **kw) for x in inps]
         for h in handles:
             h.remove()
-        for name in LINEARS:
+        for name in LLAMA_LINEARS:
             w = layer.get_submodule(name).weight
             metric = w.abs().float() * torch.sqrt(acc[name])[None, :]
             if scope == "global":
@@ -132,7 +124,7 @@ def _weights(model):
     return {
         (i, n): lay.get_submodule(n).weight.detach().clone()
         for i, lay in enumerate(model.model.layers)
-        for n in LINEARS
+        for n in LLAMA_LINEARS
     }
 
 
@@ -226,7 +218,7 @@ def test_sparsity_fn_and_mask_fn_hooks():
     model = tiny_llama()
     cfg = _cfg(sparsity_fn=lambda i, name, c: 0.1 * (i + 1), mask_fn=mask_fn)
     rep = gradprobe.prune(model, random_batches(NS, SEQ), cfg)
-    assert [s[:2] for s in seen] == [(i, n) for i in range(2) for n in LINEARS]
+    assert [s[:2] for s in seen] == [(i, n) for i in range(2) for n in LLAMA_LINEARS]
     assert {s[2] for s in seen} == {0.1, 0.2} and {s[3] for s in seen} == {NS * SEQ}
     for r in rep.rows:
         assert r.pruned == math.floor(r.target * r.numel)

@@ -7,6 +7,7 @@ import torch
 from tiny_models import random_batches, tiny_llama, tiny_mistral, tiny_qwen2
 
 from gradprobe.models import SUPPORTED_MODEL_TYPES, get_adapter
+from gradprobe.models.base import LLAMA_LINEARS
 from gradprobe.models.llama import LlamaAdapter
 from gradprobe.models.mistral import MistralAdapter
 from gradprobe.models.qwen2 import Qwen2Adapter
@@ -33,15 +34,12 @@ def test_prunable_linears_order_and_shapes(family):
     layers = ad.decoder_layers(model)
     assert len(layers) == 2
     lin = ad.prunable_linears(layers[1])
-    assert list(lin) == [
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ]
+    # the order q, k, v, o, gate, up, down is the spec (report rows, global group order)
+    assert LLAMA_LINEARS == tuple(f"self_attn.{p}_proj" for p in "qkvo") + tuple(
+        f"mlp.{p}_proj" for p in ("gate", "up", "down")
+    )
+    assert list(lin) == list(LLAMA_LINEARS)
+    assert all(m is layers[1].get_submodule(n) for n, m in lin.items())
     shapes = [tuple(m.weight.shape) for m in lin.values()]
     assert shapes == [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
     assert lin["mlp.down_proj"] is layers[1].mlp.down_proj

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import (
     LlamaConfig,
@@ -12,9 +14,32 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
 
-def _common(num_layers, hidden, intermediate, heads, kv_heads, vocab, max_pos):
-    return dict(
+
+def tiny_model(
+    family: str,
+    num_layers: int = 2,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 256,
+    max_pos: int = 256,
+    seed: int = 0,
+    **config_extra,
+):
+    """Random ``*ForCausalLM`` of ``family`` (a key of FAMILIES), weights from ``torch.manual_seed(seed)``.
+
+    q (hidden, hidden), k/v (kv_heads*head_dim, hidden), gate/up (intermediate, hidden); ``config_extra``
+    goes to the family's config (e.g. ``sliding_window``).
+    """
+    config_cls, model_cls = FAMILIES[family]
+    cfg = config_cls(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -24,65 +49,64 @@ def _common(num_layers, hidden, intermediate, heads, kv_heads, vocab, max_pos):
         max_position_embeddings=max_pos,
         tie_word_embeddings=False,
         attn_implementation="eager",
+        **config_extra,
     )
-
-
-def _build(cls, config, seed):
     torch.manual_seed(seed)
-    model = cls(config).to(torch.float32).eval()
-    return model
+    return model_cls(cfg).to(torch.float32).eval()
 
 
-def tiny_llama(
-    num_layers: int = 2,
-    hidden: int = 64,
-    intermediate: int = 128,
-    heads: int = 4,
-    kv_heads: int = 2,
-    vocab: int = 256,
-    max_pos: int = 256,
-    seed: int = 0,
-) -> LlamaForCausalLM:
-    """Random LlamaForCausalLM; q (hidden, hidden), k/v (kv_heads*head_dim, hidden), gate/up (inter, hidden)."""
-    cfg = LlamaConfig(**_common(num_layers, hidden, intermediate, heads, kv_heads, vocab, max_pos))
-    return _build(LlamaForCausalLM, cfg, seed)
+def tiny_llama(**kw) -> LlamaForCausalLM:
+    """Random LlamaForCausalLM (keywords as :func:`tiny_model`)."""
+    return tiny_model("llama", **kw)
 
 
-def tiny_mistral(
-    num_layers: int = 2,
-    hidden: int = 64,
-    intermediate: int = 128,
-    heads: int = 4,
-    kv_heads: int = 2,
-    vocab: int = 256,
-    max_pos: int = 256,
-    sliding_window: int | None = 8,
-    seed: int = 0,
-) -> MistralForCausalLM:
+def tiny_mistral(sliding_window: int | None = 8, **kw) -> MistralForCausalLM:
     """Random MistralForCausalLM with a (small, so it matters) sliding window."""
-    cfg = MistralConfig(
-        **_common(num_layers, hidden, intermediate, heads, kv_heads, vocab, max_pos),
-        sliding_window=sliding_window,
-    )
-    return _build(MistralForCausalLM, cfg, seed)
+    return tiny_model("mistral", sliding_window=sliding_window, **kw)
 
 
-def tiny_qwen2(
-    num_layers: int = 2,
-    hidden: int = 64,
-    intermediate: int = 128,
-    heads: int = 4,
-    kv_heads: int = 2,
-    vocab: int = 256,
-    max_pos: int = 256,
-    seed: int = 0,
-) -> Qwen2ForCausalLM:
+def tiny_qwen2(**kw) -> Qwen2ForCausalLM:
     """Random Qwen2ForCausalLM (q/k/v with bias)."""
-    cfg = Qwen2Config(**_common(num_layers, hidden, intermediate, heads, kv_heads, vocab, max_pos))
-    return _build(Qwen2ForCausalLM, cfg, seed)
+    return tiny_model("qwen2", **kw)
 
 
 def random_batches(nsamples: int = 4, seqlen: int = 32, vocab: int = 256, seed: int = 0) -> torch.Tensor:
     """int64 token ids (nsamples, seqlen)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (nsamples, seqlen), generator=g, dtype=torch.int64)
+
+
+def save_tiny_checkpoint(root: Path, num_layers: int) -> tuple[Path, Path]:
+    """A tiny random Llama (hidden 32, vocab 128) + char tokenizer saved to ``root/tiny-llama`` as a
+    safetensors checkpoint, and a text file ``root/text.txt``; returns (model_dir, text)."""
+    from text_helpers import SAMPLE_TEXT, char_tokenizer
+
+    model_dir = root / "tiny-llama"
+    tiny_llama(
+        num_layers=num_layers, hidden=32, intermediate=64, heads=4, kv_heads=2, vocab=128, max_pos=128
+    ).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    text = root / "text.txt"
+    text.write_text(SAMPLE_TEXT)
+    return model_dir, text
+
+
+def prune_argv(model_dir, text, out, *extra: str) -> list[str]:
+    """``gradprobe prune`` arguments for a :func:`save_tiny_checkpoint` checkpoint on the CPU: 4 calibration
+    samples of 32 tokens from ``text``; ``extra`` (appended, so it overrides these) says the rest."""
+    return [
+        "prune",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--calib",
+        str(text),
+        "--device",
+        "cpu",
+        *extra,
+    ]

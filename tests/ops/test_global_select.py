@@ -8,10 +8,6 @@ triple must equal ``reference.threshold_triple`` of the concatenated scores, exa
 from __future__ import annotations
 
 import math
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -20,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradprobe
-from gradprobe import _backend, _extension
 from gradprobe.ops import reference as ref
 from tests.helpers import (
     DTYPES,
@@ -30,6 +25,9 @@ from tests.helpers import (
     is_interpreted,
     make_norm,
     make_weight,
+    require_ops_fixture,
+    requires_cpp,
+    run_cpp_without_avx2,
     with_backend,
 )
 
@@ -39,22 +37,7 @@ GROUP = [(37, 300), (1, 7), (16, 1000), (7, 1)]
 INTERPRETER_MAX = 64 * 1000 * 2
 
 
-def require_ops(backend: str, device: str, ops) -> None:
-    """Skip when ``backend`` has not registered these ops (e.g. Triton work in progress)."""
-    with with_backend(backend):
-        try:
-            for op in ops:
-                _backend.resolve(op, device)
-        except _backend.BackendUnavailableError as exc:
-            if "has no" not in str(exc):
-                raise
-            pytest.skip(str(exc))
-
-
-@pytest.fixture(autouse=True)
-def _require_global_ops(request):
-    if "backend" in request.fixturenames:
-        require_ops(request.getfixturevalue("backend"), request.getfixturevalue("device"), GLOBAL_OPS)
+_require_global_ops = require_ops_fixture(GLOBAL_OPS)
 
 
 def group_scores(ws, ns) -> torch.Tensor:
@@ -285,12 +268,6 @@ def test_global_opcheck(backend, device):
 
 _BASELINE_ISA_PROBE = textwrap.dedent(
     """
-    import torch, gradprobe
-    from gradprobe.ops import reference as ref
-    from gradprobe import _extension
-    _extension.load()
-    cpp = torch.ops.gradprobe_cpp
-    torch.manual_seed(0)
     groups = [([torch.randn(37, 300), torch.randn(70, 1000).bfloat16()], [torch.rand(300), torch.rand(1000)]),
               ([torch.full((300, 1000), 0.25), torch.randint(-2, 3, (9, 4097)).half()], [])]
     for ws, ns in groups:
@@ -301,22 +278,11 @@ _BASELINE_ISA_PROBE = textwrap.dedent(
             assert torch.equal(thr, exp[0]) and take == exp[1] and eq == exp[2], k
             for m, e in zip(cpp.global_mask(ws, ns, thr, take), ref.global_masks_sorted(ws, ns, k)):
                 assert torch.equal(m, e), k
-    print("OK")
     """
 )
 
 
-@pytest.mark.skipif(not _extension.available(), reason="gradprobe._C not built")
+@requires_cpp
 def test_cpp_baseline_isa_path_is_exact():
     """The C++ ops pick AVX2 code at run time; the baseline (non-AVX2) path must be exact too."""
-    root = pathlib.Path(__file__).resolve().parents[2]
-    env = {**os.environ, "GRADPROBE_CPP_DISABLE_AVX2": "1", "PYTHONPATH": str(root)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _BASELINE_ISA_PROBE],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+    run_cpp_without_avx2(_BASELINE_ISA_PROBE)

@@ -8,10 +8,6 @@ exactly the masked weights and nothing else.
 from __future__ import annotations
 
 import math
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -20,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradprobe
-from gradprobe import _backend, _extension
 from gradprobe.ops import reference as ref
 from tests.helpers import (
     DTYPES,
@@ -30,6 +25,9 @@ from tests.helpers import (
     is_interpreted,
     make_norm,
     make_weight,
+    require_ops_fixture,
+    requires_cpp,
+    run_cpp_without_avx2,
     with_backend,
 )
 
@@ -48,23 +46,7 @@ def skip_if_too_big(backend: str, device: str, numel: int) -> None:
         pytest.skip("Triton interpreter: small shapes only")
 
 
-def require_ops(backend: str, device: str, ops) -> None:
-    """Skip when ``backend`` has not registered these ops (e.g. Triton work in progress)."""
-    with with_backend(backend):
-        try:
-            for op in ops:
-                _backend.resolve(op, device)
-        except _backend.BackendUnavailableError as exc:
-            if "has no" not in str(exc):
-                raise
-            pytest.skip(str(exc))
-
-
-@pytest.fixture(autouse=True)
-def _require_row_ops(request):
-    """Skip (with the reason) a backend that registers none of the row ops yet."""
-    if "backend" in request.fixturenames:
-        require_ops(request.getfixturevalue("backend"), request.getfixturevalue("device"), ROW_OPS)
+_require_row_ops = require_ops_fixture(ROW_OPS)
 
 
 def check_row_ops(
@@ -253,12 +235,6 @@ def test_row_opcheck(backend, device, op):
 
 _BASELINE_ISA_PROBE = textwrap.dedent(
     """
-    import torch, gradprobe
-    from gradprobe.ops import reference as ref
-    from gradprobe import _extension
-    _extension.load()
-    cpp = torch.ops.gradprobe_cpp
-    torch.manual_seed(0)
     cases = [(torch.randn(37, 300), torch.rand(300)), (torch.randn(5, 4097).bfloat16(), torch.rand(4097)),
              (torch.randint(-3, 4, (6, 3000)).half(), None), (torch.full((4, 2500), 0.5), None)]
     w = torch.randn(3, 8000).abs() + 1
@@ -270,22 +246,11 @@ _BASELINE_ISA_PROBE = textwrap.dedent(
             assert torch.equal(cpp.row_mask(w, n, k), ref.stable_rank_mask(s, k)), (w.shape, k)
             got, exp = cpp.row_threshold(w, n, k), ref.threshold_triple(s, k)
             assert all(torch.equal(a, b) for a, b in zip(got, exp)), (w.shape, k)
-    print("OK")
     """
 )
 
 
-@pytest.mark.skipif(not _extension.available(), reason="gradprobe._C not built")
+@requires_cpp
 def test_cpp_baseline_isa_path_is_exact():
     """The C++ ops pick AVX2 code at run time; the baseline (non-AVX2) path must be exact too."""
-    root = pathlib.Path(__file__).resolve().parents[2]
-    env = {**os.environ, "GRADPROBE_CPP_DISABLE_AVX2": "1", "PYTHONPATH": str(root)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _BASELINE_ISA_PROBE],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+    run_cpp_without_avx2(_BASELINE_ISA_PROBE)
