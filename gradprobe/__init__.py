@@ -6,7 +6,10 @@ Public API (tensor level): :func:`prune_mask`, :func:`prune_`, :func:`global_pru
 """
 
 from gradprobe import ops  # noqa: F401  (defines the gradprobe:: ops on import)
+from gradprobe.api import prune  # noqa: E402
+from gradprobe.config import PruneConfig  # noqa: E402
 from gradprobe.pack import pack_24, unpack_24
+from gradprobe.probe import probe_prune_  # noqa: E402
 from gradprobe.select import (
     Threshold,
     global_prune_,
@@ -15,9 +18,6 @@ from gradprobe.select import (
     prune_,
     prune_mask,
 )
-from gradprobe.config import PruneConfig  # noqa: E402
-from gradprobe.api import prune  # noqa: E402
-from gradprobe.probe import probe_prune_  # noqa: E402
 
 __version__ = "0.1.0"
 

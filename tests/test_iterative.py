@@ -56,7 +56,7 @@ def test_tuning_rescues_a_failing_first_step(batches):
     assert first.achieved == pytest.approx(s[want_tau])
     # the model equals a fresh probe at the accepted tau (bit for bit) plus later accepted steps
     _, ref = sparsity_after(batches, [(r.target, float(r.tau)) for r in res.steps if r.accepted])
-    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
         assert torch.equal(p, q), n
     assert res.sparsity == pytest.approx(zero_fraction(model))
     masks = res.masks
@@ -69,7 +69,7 @@ def test_failed_step_without_tuning_is_undone_and_stops(batches):
     res = iterative_prune_(model, batches, schedule=SparsitySchedule(0.3, 0.3, 0.9), evaluate=metric,
                            max_metric_drop=s1 + 1e-9, **KW)
     assert [r.accepted for r in res.steps] == [True, False]
-    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
         assert torch.equal(p, q), n
 
 
@@ -86,7 +86,7 @@ def test_reprune_previous_and_current(batches):
     assert [r.accepted for r in res.steps] == [True, True]
     assert res.steps[0].tau == res.steps[1].tau == f"{want:g}"
     _, ref = sparsity_after(batches, [(0.2, want), (0.4, want)])
-    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
         assert torch.equal(p, q), n
 
 
@@ -101,7 +101,7 @@ def test_checkpoint_resume(batches, tmp_path):
     b = tiny_llama()
     rb = iterative_prune_(b, batches, **args)  # finished run: loads the sparsest accepted masks only
     assert rb.resumed_from == 1 and rb.steps == ra.steps
-    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(p, q), n
     with pytest.raises(ValueError, match="other settings"):
         iterative_prune_(tiny_llama(), batches, **{**args, "schedule": SparsitySchedule(0.2, 0.1, 0.6)})
@@ -124,7 +124,7 @@ def test_resume_continues_after_last_accepted_step(batches, tmp_path):
     res = iterative_prune_(resumed, batches, schedule=sched, evaluate=metric, max_metric_drop=1.0,
                            checkpoint_dir=tmp_path, **KW)
     assert res.resumed_from == 0 and len(res.steps) == 2
-    for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
+    for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters(), strict=True):
         assert torch.equal(p, q), n
 
 
@@ -143,7 +143,7 @@ def test_bad_inputs(batches, kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         iterative_prune_(model, batches, **args)
-    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("make", [

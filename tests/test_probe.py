@@ -62,7 +62,7 @@ def ref_maxabs_grads(model, names, batches, loss_fn=None):
             gs = torch.autograd.grad(loss, [ws[n] for n in names])
             for n in names:
                 ws[n].requires_grad_(False)
-        for n, g in zip(names, gs):
+        for n, g in zip(names, gs, strict=True):
             acc[n] = g.abs() if n not in acc else torch.maximum(acc[n], g.abs())
     return acc
 
@@ -148,7 +148,7 @@ def test_layerwise_equals_reference(batches, order, method, scope):
                                     cands=None if cands is None else {n: cands[n] for n in names}))
     for n in want:
         assert torch.equal(masks[n], want[n]), n
-    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
         assert torch.equal(p, q), n
 
 
@@ -191,7 +191,7 @@ def test_cache_redecide_and_restore_are_exact(batches):
     for n in m0:
         assert torch.equal(res.masks[n], m0[n])
     res.restore_()
-    for (n, p), (_, q) in zip(model.named_parameters(), dense.named_parameters()):
+    for (n, p), (_, q) in zip(model.named_parameters(), dense.named_parameters(), strict=True):
         assert torch.equal(p, q), n
 
 
@@ -247,4 +247,4 @@ def test_bad_inputs_raise_and_change_nothing(batches, kwargs, exc, match):
         args.update({k: kwargs.pop(k) for k in ("sparsity", "batches") if k in kwargs})
     with pytest.raises(exc, match=match):
         gradprobe.probe_prune_(model, args["batches"], args["sparsity"], **kwargs)
-    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
