@@ -67,7 +67,9 @@ int64_t cut_rows(const at::Tensor& weight, const float* nrm, double alpha, const
   const Raw* base = reinterpret_cast<const Raw*>(weight.const_data_ptr());
   const int b_bits = 62 - static_cast<int>(64 - __builtin_clzll(static_cast<unsigned long long>(n)));
   int64_t first_bad = -1;
-  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+  // >= 256Ki scores per task: small tensors run on the calling thread (waking a pool costs more)
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / n);
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     std::vector<uint32_t> keys(static_cast<size_t>(n)), cand(static_cast<size_t>(n));
     std::vector<int64_t> cnt(kRowBuckets1), sum(kRowBuckets1);
     for (int64_t r = r0; r < r1; ++r) {

@@ -163,12 +163,18 @@ def _(values: torch.Tensor, bitmask: torch.Tensor, cols: int):
 
 # --- probe (issue 6): gradient-probe accumulation and decision ----------------------------------
 # Contract:
-# * probe_accumulate_: acc <- max(acc, |grad|) elementwise, same shape and dtype (exact in any dtype).
-# * probe_apply_: ``candidates`` bool (out, in) holds k True entries; ``backup``, ``g0``, ``g1`` are (k,)
-#   in row-major candidate order (backup in weight's dtype = the original candidate values; g0, g1 any
-#   float). Candidate j is pruned iff fp32(g1[j]) <= fp32(g0[j]) * fp32(scale) (scale = 1 + tau); pruned
-#   candidates become 0, every other candidate gets backup[j] back bit for bit; non-candidates are not
-#   touched. Returns the bool (out, in) mask of pruned candidates.
+# * probe_accumulate_: acc <- max(acc, |grad|) elementwise; acc and grad of one shape, device and float
+#   dtype (fp32, bf16, fp16, fp64; a mismatch raises TypeError naming grad). Exact in any dtype, and
+#   pinned down to the bit: acc[i] <- |grad[i]| where |grad[i]| > acc[i] or |grad[i]| is NaN, else acc[i]
+#   is left as it is (so a NaN gradient sticks; -0.0 grads give +0.0; an acc of -0.0 stays -0.0 while
+#   grads are zero).
+# * probe_apply_: ``candidates`` bool, weight's shape (out, in), holds k True entries; ``backup``, ``g0``,
+#   ``g1`` are 1-D (k,) in row-major candidate order (backup in weight's dtype fp32/bf16/fp16 = the
+#   original candidate values; g0, g1 fp32, bf16, fp16 or fp64). Candidate j is pruned iff
+#   fp32(g1[j]) <= fp32(g0[j]) * fp32(scale) (one fp32 multiply; scale = 1 + tau, finite; a NaN g is never
+#   pruned); pruned candidates become +0.0, every other candidate gets backup[j] back bit for bit;
+#   non-candidates are not touched. Returns the bool (out, in) mask of pruned candidates. Bad arguments
+#   (dtype, shape, device, k != popcount(candidates)) raise before weight is written.
 PROBE_SCHEMAS: dict[str, str] = {
     "probe_accumulate_": "(Tensor(a!) acc, Tensor grad) -> ()",
     "probe_apply_": "(Tensor(a!) weight, Tensor candidates, Tensor backup, Tensor g0, Tensor g1, float scale) -> Tensor",

@@ -99,7 +99,7 @@ def _flat_scores(weights: Sequence[torch.Tensor], norms: Sequence[torch.Tensor])
 def _split_like(flat: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     sizes = [w.numel() for w in weights]
     # clone: custom-op outputs must not alias each other (views of one flat tensor would)
-    return [m.reshape(w.shape).clone() for m, w in zip(torch.split(flat, sizes), weights)]
+    return [m.reshape(w.shape).clone() for m, w in zip(torch.split(flat, sizes), weights, strict=True)]
 
 
 @impl("global_threshold", "reference")
@@ -116,7 +116,7 @@ def global_mask(weights, norms, threshold: torch.Tensor, take: torch.Tensor) -> 
 
 @impl("global_prune_", "reference")
 def global_prune_(weights, masks, norms, threshold: torch.Tensor, take: torch.Tensor) -> None:
-    for w, out, m in zip(weights, masks, global_mask(weights, norms, threshold, take)):
+    for w, out, m in zip(weights, masks, global_mask(weights, norms, threshold, take), strict=True):
         out.copy_(m)
         w.masked_fill_(m, 0)
 
@@ -383,16 +383,73 @@ def unpack_24_bitmask(values: torch.Tensor, bitmask: torch.Tensor, cols: int) ->
 
 
 # ---- probe (issue 6) -----------------------------------------------------------------------------
+# The argument checks below are shared by the reference and the Triton backend; csrc/probe_cpu.cpp
+# repeats them with the same messages (the C++ op is dispatched to directly, with no Python wrapper).
+
+PROBE_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PROBE_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_probe_accumulate(acc: torch.Tensor, grad: torch.Tensor) -> None:
+    """TypeError/ValueError unless acc and grad are float tensors of one dtype, shape and device."""
+    if acc.dtype not in PROBE_FLOAT_DTYPES:
+        raise TypeError(f"acc must be float32, bfloat16, float16 or float64, got {acc.dtype}")
+    if grad.dtype != acc.dtype:
+        raise TypeError(f"grad must have acc's dtype {acc.dtype} (the max is kept in acc's dtype), got {grad.dtype}; "
+                        f"pass grad.to({acc.dtype})")
+    if grad.shape != acc.shape:
+        raise ValueError(f"grad must have acc's shape {tuple(acc.shape)}, got {tuple(grad.shape)}")
+    if grad.device != acc.device:
+        raise ValueError(f"grad is on {grad.device} but acc on {acc.device}; move both to one device")
+
+
+def check_probe_apply(weight: torch.Tensor, candidates: torch.Tensor, backup: torch.Tensor, g0: torch.Tensor,
+                      g1: torch.Tensor, scale: float) -> None:
+    """Every check of probe_apply_ but k == popcount(candidates) (each backend counts on its own)."""
+    if weight.dtype not in PROBE_WEIGHT_DTYPES:
+        raise TypeError(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
+    if candidates.dtype != torch.bool:
+        raise TypeError(f"candidates must be a bool tensor (True = candidate), got {candidates.dtype}; pass it as .bool()")
+    if candidates.shape != weight.shape:
+        raise ValueError(f"candidates must have weight's shape {tuple(weight.shape)}, got {tuple(candidates.shape)}")
+    if backup.dtype != weight.dtype:
+        raise TypeError(f"backup must have weight's dtype {weight.dtype} (the original candidate values, restored bit "
+                        f"for bit), got {backup.dtype}")
+    if backup.dim() != 1:
+        raise ValueError(f"backup must be 1-D (k,) in row-major candidate order, got shape {tuple(backup.shape)}")
+    for name, g in (("g0", g0), ("g1", g1)):
+        if g.dtype not in PROBE_FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {g.dtype}")
+        if g.shape != backup.shape:
+            raise ValueError(f"{name} must have backup's shape ({backup.numel()},) = (k,), got {tuple(g.shape)}")
+    for name, t in (("candidates", candidates), ("backup", backup), ("g0", g0), ("g1", g1)):
+        if t.device != weight.device:
+            raise ValueError(f"{name} is on {t.device} but weight on {weight.device}; move all to one device")
+    if not abs(scale) < float("inf"):  # NaN fails too
+        raise ValueError(f"scale must be finite (prune iff g1 <= g0 * scale, scale = 1 + tau), got {scale}")
+
+
+def raise_probe_count(count: int, k: int) -> None:
+    """ValueError when candidates holds ``count`` True entries but backup/g0/g1 hold ``k``."""
+    if count != k:
+        raise ValueError(
+            f"candidates holds {count} True entries but backup, g0 and g1 hold k = {k}; they must be the (k,) "
+            "values of exactly these candidates, in row-major order"
+        )
 
 
 @impl("probe_accumulate_", "reference")
 def probe_accumulate_(acc: torch.Tensor, grad: torch.Tensor) -> None:
-    torch.maximum(acc, grad.abs(), out=acc)
+    check_probe_accumulate(acc, grad)
+    g = grad.abs()
+    acc.copy_(torch.where((g > acc) | torch.isnan(g), g, acc))
 
 
 @impl("probe_apply_", "reference")
 def probe_apply_(weight: torch.Tensor, candidates: torch.Tensor, backup: torch.Tensor, g0: torch.Tensor,
                  g1: torch.Tensor, scale: float) -> torch.Tensor:
+    check_probe_apply(weight, candidates, backup, g0, g1, scale)
+    raise_probe_count(int(candidates.sum()), backup.numel())
     prune = g1.to(torch.float32) <= g0.to(torch.float32) * torch.tensor(scale, dtype=torch.float32, device=g0.device)
     values = torch.where(prune, torch.zeros((), dtype=weight.dtype, device=weight.device), backup)
     weight.masked_scatter_(candidates, values)
@@ -465,7 +522,11 @@ def _cumsum_cut_chunk(s: torch.Tensor, alpha: float):
 
 @impl("row_cumsum_cut", "reference")
 def row_cumsum_cut(weight: torch.Tensor, norm: torch.Tensor | None, alpha: float):
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1] (the prunable share of each row's total score), got {alpha}")
     check_finite(weight)
+    if norm is not None:
+        check_finite(norm, "norm")
     s = score(weight, norm)
     rows, n = s.shape
     if rows == 0 or n == 0:
