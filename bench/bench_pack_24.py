@@ -34,7 +34,7 @@ def raw(t: torch.Tensor) -> torch.Tensor:
 def check_same(got, expected, what):
     def check():
         g = got()
-        for a, b, name in zip(g, expected, ("values", "meta/bitmask")):
+        for a, b, name in zip(g, expected, ("values", "meta/bitmask"), strict=False):
             if not torch.equal(raw(a) if a.is_floating_point() else a, raw(b) if b.is_floating_point() else b):
                 raise AssertionError(f"{what}: {name} differs from the baseline")
 
@@ -78,7 +78,9 @@ def main(argv=None) -> None:
 
     ours_bm = lambda: gradprobe.pack_24(w, "bitmask")[:2]
     if importlib.util.find_spec("compressed_tensors") is not None:
-        from compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask import sparse24_bitmask_compress
+        from compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask import (
+            sparse24_bitmask_compress,
+        )
 
         ct = sparse24_bitmask_compress(w)
         b.run("compressed-tensors sparse24_bitmask_compress", lambda: sparse24_bitmask_compress(w), mode="bitmask",

@@ -18,106 +18,76 @@ __device__ __forceinline__ void record_bad(int64_t* first_bad, int64_t g) {
   atomicMin(reinterpret_cast<unsigned long long*>(first_bad), static_cast<unsigned long long>(g));
 }
 
-template <typename Raw>
-__device__ __forceinline__ uint32_t load_group(const Raw* w, const float* s, Raw* v) {
-  constexpr Raw kMag = static_cast<Raw>(~(Raw(1) << (8 * sizeof(Raw) - 1)));
-#pragma unroll
-  for (int i = 0; i < 4; ++i) v[i] = w[i];
-  if (s != nullptr) {
-    float sc[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) sc[i] = s[i];
-    const uint32_t pruned = prune2of4(sc);
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      if ((pruned >> i) & 1u) v[i] = 0;
-  }
-  uint32_t code = 0;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) code |= static_cast<uint32_t>((v[i] & kMag) != 0) << i;
-  return code;
+// Thread's cell (r, c) of the rows x per_row grid of work items; false past the end.
+__device__ __forceinline__ bool cell(int64_t rows, int64_t per_row, int64_t& r, int64_t& c) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= rows * per_row) return false;
+  r = t / per_row;
+  c = t % per_row;
+  return true;
 }
 
-__global__ void pack_cutlass16_kernel(const uint16_t* __restrict__ w, const float* __restrict__ s,
-                                      uint16_t* __restrict__ packed, uint16_t* __restrict__ meta, int64_t rows,
-                                      int64_t cols, int64_t* first_bad) {
-  const int64_t meta_cols = cols / 16;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= rows * meta_cols) return;
-  const int64_t r = t / meta_cols, c = t % meta_cols;
+// fp16/bf16: groups of 4 (scores optional); fp32: pairs, at most one nonzero (no scores).
+template <typename Raw>
+__global__ void pack_cutlass_kernel(const Raw* __restrict__ w, const float* __restrict__ s, Raw* __restrict__ packed,
+                                    uint16_t* __restrict__ meta, int64_t rows, int64_t cols, int64_t* first_bad) {
+  constexpr int64_t kPer = sizeof(Raw) == 2 ? 16 : 8;  // dense elements per metadata word
+  constexpr int64_t kGroup = kPer / 4;                 // elements per group: 4, or a pair for fp32
+  int64_t r, c;
+  if (!cell(rows, cols / kPer, r, c)) return;
   uint32_t m = 0;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    const int64_t base = 16 * c + 4 * q;
-    uint16_t v[4];
-    const uint32_t code = load_group(w + r * cols + base, s != nullptr ? s + r * cols + base : nullptr, v);
-    if (popcount4(code) > 2) record_bad(first_bad, r * (cols / 4) + base / 4);
-    const uint32_t nib = cutlass_nibble(code);
-    packed[r * (cols / 2) + base / 2] = v[nib & 3u];
-    packed[r * (cols / 2) + base / 2 + 1] = v[nib >> 2];
+    const int64_t e = r * cols + kPer * c + kGroup * q;
+    uint32_t nib;
+    if constexpr (sizeof(Raw) == 2) {
+      Raw v[4];
+      const uint32_t code = load_group(w + e, s != nullptr ? s + e : nullptr, v);
+      if (popcount4(code) > 2) record_bad(first_bad, e / kGroup);
+      nib = cutlass_nibble(code);
+      packed[e / 2] = v[nib & 3u];
+      packed[e / 2 + 1] = v[nib >> 2];
+    } else {
+      const uint32_t a = w[e], b = w[e + 1];
+      const bool nza = (a & 0x7FFFFFFFu) != 0, nzb = (b & 0x7FFFFFFFu) != 0;
+      if (nza && nzb) record_bad(first_bad, e / kGroup);
+      packed[e / 2] = nza ? a : b;
+      nib = nza ? kNibbleFirst : kNibbleSecond;
+    }
     m |= nib << (4 * q);
   }
   meta[meta_offset(r, c, rows)] = static_cast<uint16_t>(m);
 }
 
-__global__ void pack_cutlass32_kernel(const uint32_t* __restrict__ w, uint32_t* __restrict__ packed,
-                                      uint16_t* __restrict__ meta, int64_t rows, int64_t cols, int64_t* first_bad) {
-  const int64_t meta_cols = cols / 8;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= rows * meta_cols) return;
-  const int64_t r = t / meta_cols, c = t % meta_cols;
-  uint32_t m = 0;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const int64_t base = 8 * c + 2 * q;
-    const uint32_t a = w[r * cols + base], b = w[r * cols + base + 1];
-    const bool nza = (a & 0x7FFFFFFFu) != 0, nzb = (b & 0x7FFFFFFFu) != 0;
-    if (nza && nzb) record_bad(first_bad, r * (cols / 2) + base / 2);
-    packed[r * (cols / 2) + base / 2] = nza ? a : b;
-    m |= (nza ? kNibbleFirst : kNibbleSecond) << (4 * q);
-  }
-  meta[meta_offset(r, c, rows)] = static_cast<uint16_t>(m);
-}
-
-__global__ void unpack_cutlass16_kernel(const uint16_t* __restrict__ packed, const uint16_t* __restrict__ meta,
-                                        uint16_t* __restrict__ dense, int64_t rows, int64_t cols, int64_t* first_bad) {
-  const int64_t meta_cols = cols / 16;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= rows * meta_cols) return;
-  const int64_t r = t / meta_cols, c = t % meta_cols;
+template <typename Raw>
+__global__ void unpack_cutlass_kernel(const Raw* __restrict__ packed, const uint16_t* __restrict__ meta,
+                                      Raw* __restrict__ dense, int64_t rows, int64_t cols, int64_t* first_bad) {
+  constexpr int64_t kPer = sizeof(Raw) == 2 ? 16 : 8;  // dense elements per metadata word
+  constexpr int64_t kGroup = kPer / 4;                 // elements per group: 4, or a pair for fp32
+  int64_t r, c;
+  if (!cell(rows, cols / kPer, r, c)) return;
   const uint32_t m = meta[meta_offset(r, c, rows)];
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    const int64_t base = 16 * c + 4 * q;
+    const int64_t e = r * cols + kPer * c + kGroup * q;
     const uint32_t nib = (m >> (4 * q)) & 0xFu;
-    uint16_t out[4] = {0, 0, 0, 0};
-    if (!valid_nibble16(nib)) {
-      record_bad(first_bad, r * (cols / 4) + base / 4);
+    const Raw* p = packed + e / 2;
+    if constexpr (sizeof(Raw) == 2) {
+      uint16_t out[4] = {0, 0, 0, 0};
+      if (!valid_nibble16(nib)) {
+        record_bad(first_bad, e / kGroup);
+      } else {
+        out[nib & 3u] = p[0];
+        out[nib >> 2] = p[1];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dense[e + i] = out[i];
     } else {
-      out[nib & 3u] = packed[r * (cols / 2) + base / 2];
-      out[nib >> 2] = packed[r * (cols / 2) + base / 2 + 1];
+      if (!valid_nibble32(nib)) record_bad(first_bad, e / kGroup);
+      const bool first = nib == kNibbleFirst;
+      dense[e] = first ? p[0] : 0u;
+      dense[e + 1] = first ? 0u : p[0];
     }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) dense[r * cols + base + i] = out[i];
-  }
-}
-
-__global__ void unpack_cutlass32_kernel(const uint32_t* __restrict__ packed, const uint16_t* __restrict__ meta,
-                                        uint32_t* __restrict__ dense, int64_t rows, int64_t cols, int64_t* first_bad) {
-  const int64_t meta_cols = cols / 8;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= rows * meta_cols) return;
-  const int64_t r = t / meta_cols, c = t % meta_cols;
-  const uint32_t m = meta[meta_offset(r, c, rows)];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const int64_t base = 8 * c + 2 * q;
-    const uint32_t nib = (m >> (4 * q)) & 0xFu;
-    if (!valid_nibble32(nib)) record_bad(first_bad, r * (cols / 2) + base / 2);
-    const bool first = nib == kNibbleFirst;
-    const uint32_t v = packed[r * (cols / 2) + base / 2];
-    dense[r * cols + base] = first ? v : 0u;
-    dense[r * cols + base + 1] = first ? 0u : v;
   }
 }
 
@@ -125,9 +95,8 @@ template <typename Raw>
 __global__ void pack_bitmask_kernel(const Raw* __restrict__ w, const float* __restrict__ s, Raw* __restrict__ values,
                                     uint8_t* __restrict__ bitmask, int64_t rows, int64_t cols, int64_t* first_bad) {
   const int64_t groups = cols / 4, nbytes = (cols + 7) / 8;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= rows * nbytes) return;
-  const int64_t r = t / nbytes, b = t % nbytes;
+  int64_t r, b;
+  if (!cell(rows, nbytes, r, b)) return;
   uint32_t byte = 0;
   for (int64_t g = 2 * b; g < 2 * b + 2 && g < groups; ++g) {
     Raw v[4];
@@ -148,9 +117,8 @@ template <typename Raw>
 __global__ void unpack_bitmask_kernel(const Raw* __restrict__ values, const uint8_t* __restrict__ bitmask,
                                       Raw* __restrict__ dense, int64_t rows, int64_t cols, int64_t* first_bad) {
   const int64_t groups = cols / 4, nbytes = (cols + 7) / 8;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= rows * groups) return;
-  const int64_t r = t / groups, g = t % groups;
+  int64_t r, g;
+  if (!cell(rows, groups, r, g)) return;
   const uint32_t bits = (static_cast<uint32_t>(bitmask[r * nbytes + g / 2]) >> (4 * (g % 2))) & 0xFu;
   Raw out[4] = {0, 0, 0, 0};
   if (popcount4(bits) != 2) {
@@ -175,10 +143,10 @@ int pack_24_cutlass(const void* weight, const float* scores, void* packed, int16
   uint16_t* mp = reinterpret_cast<uint16_t*>(meta);
   if (rows * cols == 0) return 0;
   if (elem_bytes == 4) {
-    pack_cutlass32_kernel<<<blocks(rows * (cols / 8)), kThreads, 0, st>>>(
-        static_cast<const uint32_t*>(weight), static_cast<uint32_t*>(packed), mp, rows, cols, first_bad);
+    pack_cutlass_kernel<uint32_t><<<blocks(rows * (cols / 8)), kThreads, 0, st>>>(
+        static_cast<const uint32_t*>(weight), nullptr, static_cast<uint32_t*>(packed), mp, rows, cols, first_bad);
   } else {
-    pack_cutlass16_kernel<<<blocks(rows * (cols / 16)), kThreads, 0, st>>>(
+    pack_cutlass_kernel<uint16_t><<<blocks(rows * (cols / 16)), kThreads, 0, st>>>(
         static_cast<const uint16_t*>(weight), scores, static_cast<uint16_t*>(packed), mp, rows, cols, first_bad);
   }
   return static_cast<int>(cudaGetLastError());
@@ -190,10 +158,10 @@ int unpack_24_cutlass(const void* packed, const int16_t* meta, void* dense, int6
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(meta);
   if (rows * cols == 0) return 0;
   if (elem_bytes == 4) {
-    unpack_cutlass32_kernel<<<blocks(rows * (cols / 8)), kThreads, 0, st>>>(
+    unpack_cutlass_kernel<uint32_t><<<blocks(rows * (cols / 8)), kThreads, 0, st>>>(
         static_cast<const uint32_t*>(packed), mp, static_cast<uint32_t*>(dense), rows, cols, first_bad);
   } else {
-    unpack_cutlass16_kernel<<<blocks(rows * (cols / 16)), kThreads, 0, st>>>(
+    unpack_cutlass_kernel<uint16_t><<<blocks(rows * (cols / 16)), kThreads, 0, st>>>(
         static_cast<const uint16_t*>(packed), mp, static_cast<uint16_t*>(dense), rows, cols, first_bad);
   }
   return static_cast<int>(cudaGetLastError());

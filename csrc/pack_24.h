@@ -1,11 +1,27 @@
 // 2:4 packing: layout arithmetic shared by the CPU ops (pack_24.cpp) and the CUDA kernels (pack_24.cu),
-// plus the plain launcher functions pack_24.cu exports. No torch headers: pack_24.cu compiles standalone.
+// the plain launcher functions pack_24.cu exports, and host-only helpers of the C++ CPU ops (run-time
+// AVX2 dispatch, huge-page hint; also used by nm_cpu.cpp). No torch headers: pack_24.cu compiles standalone.
 //
 // Layouts (see gradprobe/ops/_schemas.py): a group is 4 consecutive elements of a row (a pair for the
 // fp32 CUTLASS layout). Elements are handled as raw bits (uint16 for fp16/bf16, uint32 for fp32):
 // "nonzero" = any bit but the sign set, i.e. exactly `w != 0` (-0.0 is zero, NaN is nonzero).
 #pragma once
+#include <cstddef>
 #include <cstdint>
+#ifndef __CUDACC__
+#include <cstdlib>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define GP_X86_AVX2 1
+#define GP_TARGET_AVX2 __attribute__((target("avx2")))
+#else
+#define GP_X86_AVX2 0
+#endif
+#define GP_INLINE inline __attribute__((always_inline))
+#endif
 
 #ifdef __CUDACC__
 #define GP_HD __host__ __device__ __forceinline__
@@ -47,6 +63,13 @@ GP_HD int64_t meta_offset(int64_t r, int64_t c, int64_t rows) {
   return (dc / 2) * rows * 2 + dr * 2 + dc % 2;
 }
 
+// meta_offset(r, c, rows) == (c / 2) * 2 * rows + (c % 2 ? odd : even) for the row's (even, odd) pair.
+struct MetaRow {
+  int64_t even, odd;
+  GP_HD int64_t at(int64_t c, int64_t rows) const { return (c >> 1) * 2 * rows + ((c & 1) ? odd : even); }
+};
+GP_HD MetaRow meta_row(int64_t r, int64_t rows) { return {meta_offset(r, 0, rows), meta_offset(r, 1, rows)}; }
+
 // Prune mask (bit i = pruned) of the 2 smallest of 4 fp32 scores; ties: lower index pruned first.
 GP_HD uint32_t prune2of4(const float* s) {
   uint32_t mask = 0;
@@ -58,7 +81,53 @@ GP_HD uint32_t prune2of4(const float* s) {
   return mask;
 }
 
+// Loads group w[0..3] as raw bits into v, zeroing the 2 smallest-score elements if scored; returns the
+// nonzero pattern (bit i = v[i] nonzero).
+template <typename Raw>
+GP_HD uint32_t load_group(const Raw* w, const float* s, Raw* v) {
+  constexpr Raw kMag = static_cast<Raw>(~(Raw(1) << (8 * sizeof(Raw) - 1)));
+  for (int i = 0; i < 4; ++i) v[i] = w[i];
+  if (s != nullptr) {
+    float sc[4];
+    for (int i = 0; i < 4; ++i) sc[i] = s[i];
+    const uint32_t pruned = prune2of4(sc);
+    for (int i = 0; i < 4; ++i)
+      if ((pruned >> i) & 1u) v[i] = 0;
+  }
+  uint32_t code = 0;
+  for (int i = 0; i < 4; ++i) code |= static_cast<uint32_t>((v[i] & kMag) != 0) << i;
+  return code;
+}
+
 }  // namespace pack24
+
+#ifndef __CUDACC__
+// ---- host helpers shared by the C++ CPU ops (pack_24.cpp, nm_cpu.cpp) ----------------------------------
+
+// AVX2 loops are picked at run time; GRADPROBE_CPP_DISABLE_AVX2=1 (read on every call) forces the portable ones.
+inline bool avx2_enabled() {
+#if GP_X86_AVX2
+  static const bool cpu = __builtin_cpu_supports("avx2");
+  return cpu && std::getenv("GRADPROBE_CPP_DISABLE_AVX2") == nullptr;
+#else
+  return false;
+#endif
+}
+
+// Asks for transparent huge pages over the 2 MiB-aligned interior of [p, p + n): a fresh 45 MB output
+// otherwise costs ~11k first-touch page faults, about as long as a whole pass over it (a hint only).
+inline void advise_huge_pages(void* p, size_t n) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const uintptr_t b = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t lo = (b + kHuge - 1) & ~(kHuge - 1), hi = (b + n) & ~(kHuge - 1);
+  if (p != nullptr && hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+#endif
 
 // ---- CUDA launchers (pack_24.cu), callable from host code without CUDA headers ---------------------
 // All pointers are device pointers to contiguous row-major data; `stream` is a cudaStream_t. elem_bytes

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import gradprobe
+from gradprobe import _extension
 from gradprobe.ops import reference as ref
 from tests.helpers import (
     DTYPES,
@@ -163,3 +164,25 @@ def test_nm_opcheck(backend, device, op):
     with with_backend(backend):
         for args in ((w.clone(), norm, 2, 4), (w.clone(), None, 3, 8)):
             torch.library.opcheck(getattr(torch.ops.gradprobe, op).default, args)
+
+
+@pytest.mark.parametrize("isa", ["dispatch", "portable"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cpp_m4_isa_paths(monkeypatch, isa, dtype):
+    """M = 4 on the C++ backend: the AVX2 loops (picked at run time) and the portable ones
+    (GRADPROBE_CPP_DISABLE_AVX2=1, read on every call), with vector tails (cols % 32 != 0), rows longer
+    than one 2048-key chunk, and scores that overflow to inf (ties among them)."""
+    if not _extension.available():
+        pytest.skip(f"gradprobe._C not built: {_extension.diagnosis()}")
+    _extension.load()
+    if isa == "portable":
+        monkeypatch.setenv("GRADPROBE_CPP_DISABLE_AVX2", "1")
+    for cols in (4, 36, 2084):
+        for kind in ("randn", "ties"):
+            w = make_weight((3, cols), dtype, kind=kind)
+            w[0, 1:4] = torch.finfo(dtype).max
+            for norm in (None, make_norm(cols, kind="ties" if kind == "ties" else "rand")):
+                s = ref.score(w, norm)
+                for n in (1, 2, 3):
+                    got = torch.ops.gradprobe_cpp.nm_mask(w, norm, n, 4)
+                    assert_masks_equal(got, ref.nm_rank_mask(s, n, 4), f"{n}:4 {kind} cols={cols}")

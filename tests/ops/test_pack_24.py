@@ -13,6 +13,7 @@ from torch.sparse._semi_structured_conversions import (
 )
 
 import gradprobe
+from gradprobe import _extension
 from gradprobe.ops import reference as ref
 from tests.helpers import backend_params, dtype_id, with_backend
 
@@ -123,7 +124,7 @@ def test_scores_path_equals_prune_then_pack(backend, device, fmt, dtype):
     with with_backend(backend):
         got = gradprobe.pack_24(w, fmt, scores=scores)
         expected = gradprobe.pack_24(pruned, fmt)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         assert torch.equal(bits(a), bits(b)) if isinstance(a, torch.Tensor) else a == b
     # Wanda scores: the same as nm_mask's 2:4 selection
     norm = torch.rand(128, device=device)
@@ -132,7 +133,7 @@ def test_scores_path_equals_prune_then_pack(backend, device, fmt, dtype):
         w2 = w.clone()
         gradprobe.prune_(w2, None, norm=norm, structure="2:4")
         expected = gradprobe.pack_24(w2, fmt)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         assert torch.equal(bits(a), bits(b)) if isinstance(a, torch.Tensor) else a == b
 
 
@@ -240,3 +241,48 @@ def test_cuda_semi_structured_matmul():
                                                compressed_swizzled_bitmask=None, requires_grad=False)
     x = torch.randn(128, 64, dtype=torch.float16, device="cuda")
     torch.testing.assert_close(torch.mm(sparse, x), torch.mm(w, x))
+
+
+@pytest.mark.parametrize("isa", ["dispatch", "portable"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+def test_cpp_isa_paths_bit_exact(monkeypatch, isa, dtype):
+    """The C++ ops pick AVX2 loops at run time; GRADPROBE_CPP_DISABLE_AVX2=1 (read on every call) forces the
+    portable ones. Both: bit-exact vs the reference, with scores (heavy ties), column tails, and errors."""
+    if not _extension.available():
+        pytest.skip(f"gradprobe._C not built: {_extension.diagnosis()}")
+    _extension.load()
+    if isa == "portable":
+        monkeypatch.setenv("GRADPROBE_CPP_DISABLE_AVX2", "1")
+    ops = torch.ops.gradprobe_cpp
+    for shape in [(32, 32), (64, 160)]:
+        w = sparse_12(shape) if dtype == torch.float32 else sparse_24(shape, dtype)
+        packed, meta = ops.pack_24_cutlass(w, None)
+        exp_packed, exp_meta = sparse_semi_structured_from_dense_cutlass(w)
+        assert torch.equal(bits(packed), bits(exp_packed)) and torch.equal(meta, exp_meta), shape
+        assert torch.equal(ops.unpack_24_cutlass(packed, meta), w)
+    for shape in [(1, 4), (5, 52), (32, 64)]:  # 52: 3 blocks of 16 + one group
+        w = sparse_24(shape, dtype)
+        values, bitmask = ops.pack_24_bitmask(w, None)
+        exp = ref.pack_24_bitmask(w, None)
+        assert torch.equal(bits(values), bits(exp[0])) and torch.equal(bitmask, exp[1]), shape
+        assert torch.equal(bits(ops.unpack_24_bitmask(values, bitmask, shape[1])), bits(ref.unpack_24_bitmask(*exp, shape[1])))
+        dense = torch.randn(shape).to(dtype)
+        scores = torch.randint(0, 4, shape).float()
+        for fmt, op, rop in (("bitmask", ops.pack_24_bitmask, ref.pack_24_bitmask),
+                             ("cutlass", ops.pack_24_cutlass, ref.pack_24_cutlass)):
+            if fmt == "cutlass" and (dtype == torch.float32 or shape[0] % 32):
+                continue
+            got, exp = op(dense, scores), rop(dense, scores)
+            assert all(torch.equal(bits(a), bits(b)) for a, b in zip(got, exp, strict=True)), (fmt, shape)
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                op(dense, scores.index_put((torch.tensor(0), torch.tensor(shape[1] - 1)), torch.tensor(float("-inf"))))
+    w = sparse_24((64, 96), torch.float16 if dtype == torch.float32 else dtype, awkward=False)
+    w[33, 68:72] = 1.0
+    w[40, 0:4] = torch.tensor([1.0, 0.0, 2.0, 3.0])
+    for op in (ops.pack_24_cutlass, ops.pack_24_bitmask):
+        with pytest.raises(ValueError, match=r"group at row 33, columns 68\.\.71 has 4 nonzeros"):
+            op(w, None)
+    packed, meta = ops.pack_24_cutlass(torch.zeros(64, 64, dtype=w.dtype), None)
+    meta.view(-1)[87] = 0x4E5E  # nibble 1 of some metadata word: index pair (1, 1)
+    with pytest.raises(ValueError, match="meta is not valid CUTLASS 2:4 metadata"):
+        ops.unpack_24_cutlass(packed, meta)
