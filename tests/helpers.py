@@ -34,8 +34,13 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 requires_cpp = pytest.mark.skipif(not _extension.available(), reason="gradprobe._C not built")
 
 
-def _backend_skip(backend: str, device: str) -> str | None:
+def _backend_skip(backend: str, device: str, cpp_cuda_op: str | None = None) -> str | None:
     if backend == "cpp":
+        if device == "cuda" and cpp_cuda_op is not None:
+            if not (_extension.available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+                    f"gradprobe_cpp::{cpp_cuda_op}", "CUDA")):
+                return "gradprobe._C was built without its CUDA kernels (torch without CUDA or no nvcc at install)"
+            return None
         if device != "cpu":
             return "C++ backend is CPU only"
         if not _extension.available():
@@ -50,14 +55,18 @@ def _backend_skip(backend: str, device: str) -> str | None:
     return None
 
 
-def backend_params(backends=("reference", "cpp", "triton")) -> list:
-    """pytest params (backend, device) for every backend x available device it can run on."""
+def backend_params(backends=("reference", "cpp", "triton"), cpp_cuda_op: str | None = None) -> list:
+    """pytest params (backend, device) for every backend x available device it can run on.
+
+    ``cpp_cuda_op``: an op that ``gradprobe._C`` also implements for CUDA (the 2:4 packer); with it,
+    the cpp backend is tested on CUDA too (skipped, with the reason, where the extension has no CUDA kernel).
+    """
     params = []
     for device in get_available_devices():
         for b in backends:
-            if b == "cpp" and device != "cpu":
+            if b == "cpp" and device != "cpu" and cpp_cuda_op is None:
                 continue
-            reason = _backend_skip(b, device)
+            reason = _backend_skip(b, device, cpp_cuda_op)
             marks = [pytest.mark.skip(reason=reason)] if reason else []
             if device == "cuda":
                 marks.append(pytest.mark.gpu)

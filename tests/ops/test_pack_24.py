@@ -17,7 +17,7 @@ from gradprobe import _extension
 from gradprobe.ops import reference as ref
 from tests.helpers import backend_params, dtype_id, with_backend
 
-BACKENDS = backend_params(("reference", "cpp"))
+BACKENDS = backend_params(("reference", "cpp"), cpp_cuda_op="pack_24_cutlass")  # cpp on CUDA = csrc/pack_24.cu
 DTYPES16 = [torch.float16, torch.bfloat16]
 ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 CUTLASS_SHAPES = [(32, 32), (64, 96), (96, 160), (32, 4096), (32, 11008)]  # + Llama in_features
