@@ -9,7 +9,7 @@
 // M = 4 (2:4 and friends): keys are computed a chunk of a row at a time in a vectorisable loop (AVX2
 // build picked at run time; GRADPROBE_CPP_DISABLE_AVX2=1 forces the portable one), and each group's
 // 4-byte mask is a lookup indexed by its 6 pairwise comparisons; rows go in blocks dynamically
-// scheduled over the OpenMP pool, and the mask asks for huge pages (pack_24.h).
+// scheduled over the OpenMP pool, and the mask asks for huge pages (cpu_util.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -18,14 +18,13 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <vector>
 
-#include "checks.h"
-#include "pack_24.h"
+#include "cpu_util.h"
 #include "radix_select.h"
+#include "score_cpu.h"
 
 
 namespace gradprobe {
@@ -33,40 +32,15 @@ namespace {
 
 constexpr int64_t kGrainRows = 8;
 
-void check_args(const at::Tensor& w, const std::optional<at::Tensor>& norm, int64_t n, int64_t m) {
-  GP_CHECK_CPU(w);
-  TORCH_CHECK_VALUE(w.dim() == 2, "weight must be 2-D (out_features, in_features), got shape ", w.sizes());
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
-                   "weight must be float32, bfloat16 or float16, got ", w.scalar_type(), "; convert it first");
-  GP_CHECK_CONTIGUOUS(w);
+// Validates the arguments; returns |norm| (empty = magnitude). Non-finite norms raise.
+std::vector<float> check_args(const at::Tensor& w, const std::optional<at::Tensor>& norm, int64_t n, int64_t m) {
+  check_weight(w, "weight");
   TORCH_CHECK_VALUE(0 < n && n < m && m <= 32, "N:M = ", n, ":", m,
                     " needs 0 < N < M <= 32 (N pruned of every M consecutive inputs)");
   TORCH_CHECK_VALUE(w.size(1) % m == 0, "N:M = ", n, ":", m, " needs a 2-D weight with in_features divisible by ", m,
                     ", got shape ", w.sizes());
-  if (norm.has_value() && norm->defined()) {
-    const at::Tensor& nr = *norm;
-    GP_CHECK_CPU(nr);
-    TORCH_CHECK_TYPE(nr.scalar_type() == at::kFloat, "norm must be float32 (per-input-channel norms), got ",
-                     nr.scalar_type(), "; pass norm.float()");
-    TORCH_CHECK_VALUE(nr.dim() == 1 && nr.size(0) == w.size(1), "norm must have shape (", w.size(1),
-                      ",) = (weight.shape[1],), got ", nr.sizes());
-  }
-}
-
-// |norm| (empty = magnitude); non-finite norms raise.
-std::vector<float> abs_norm(const std::optional<at::Tensor>& norm) {
   if (!norm.has_value() || !norm->defined()) return {};
-  at::Tensor c = norm->contiguous();
-  const float* p = c.const_data_ptr<float>();
-  std::vector<float> out(static_cast<size_t>(c.numel()));
-  uint32_t bad = 0;
-  for (size_t j = 0; j < out.size(); ++j) {
-    const uint32_t a = f32_bits(p[j]) & kKeyMask;
-    bad |= nonfinite(a);
-    out[j] = bits_f32(a);
-  }
-  TORCH_CHECK_VALUE(!bad, "norm contains NaN or Inf; activation norms must be finite");
-  return out;
+  return abs_norm(*norm, w.size(1), "norm", "weight");
 }
 
 // Marks the n smallest of each group of M keys (ties: lower index) in `out`.
@@ -108,25 +82,6 @@ bool nm_rows(const T* w, const float* nrm, int64_t rows, int64_t in, int64_t n, 
 // ---- M = 4 ------------------------------------------------------------------------------------------
 
 constexpr int64_t kChunk = 2048;  // keys per chunk (8 KiB, stays in L1)
-
-// keys[i] of raw[0..len); returns nonzero iff some |w| is Inf/NaN.
-template <typename T>
-GP_INLINE uint32_t fill_keys(const typename AbsBits<T>::Raw* raw, const float* nrm, int64_t len, uint32_t* keys) {
-  uint32_t nonfin = 0;
-  if (nrm != nullptr) {
-    for (int64_t i = 0; i < len; ++i) {
-      const uint32_t a = AbsBits<T>::get(raw[i]);
-      nonfin |= nonfinite(a);
-      keys[i] = f32_bits(bits_f32(a) * nrm[i]) & kKeyMask;
-    }
-  } else {
-    for (int64_t i = 0; i < len; ++i) {
-      keys[i] = AbsBits<T>::get(raw[i]);
-      nonfin |= nonfinite(keys[i]);
-    }
-  }
-  return nonfin;
-}
 
 // words[idx]: the 4 mask bytes of a group whose pairwise comparisons are idx (bit p = k_j <= k_i for
 // the p-th pair (j < i) in (0,1) (0,2) (0,3) (1,2) (1,3) (2,3), i.e. j ranks before i); byte i = rank_i < n.
@@ -188,13 +143,12 @@ GP_TARGET_AVX2 void select4_avx2(const uint32_t* keys, int64_t len, int64_t n, c
 template <typename T, bool kAvx2>
 GP_INLINE uint32_t nm4_rows_impl(const T* w, const float* nrm, int64_t in, int64_t n, int64_t r0, int64_t r1,
                                  const uint32_t* words, uint8_t* mask) {
-  using Raw = typename AbsBits<T>::Raw;
   uint32_t keys[kChunk];
   uint32_t nonfin = 0;
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t c0 = 0; c0 < in; c0 += kChunk) {
       const int64_t len = std::min(kChunk, in - c0);
-      nonfin |= fill_keys<T>(reinterpret_cast<const Raw*>(w) + r * in + c0, nrm != nullptr ? nrm + c0 : nullptr, len, keys);
+      nonfin |= fill_keys(w + r * in + c0, nrm != nullptr ? nrm + c0 : nullptr, len, keys);
 #if GP_X86_AVX2
       if constexpr (kAvx2) {
         select4_avx2(keys, len, n, words, mask + r * in + c0);
@@ -249,12 +203,10 @@ bool nm_dispatch_m(const T* w, const float* nrm, int64_t rows, int64_t in, int64
 }
 
 at::Tensor nm_mask(const at::Tensor& weight, const std::optional<at::Tensor>& norm, int64_t n, int64_t m) {
-  check_args(weight, norm, n, m);
-  const std::vector<float> nv = abs_norm(norm);
+  const std::vector<float> nv = check_args(weight, norm, n, m);
   const float* nrm = nv.empty() ? nullptr : nv.data();
   const int64_t rows = weight.size(0), in = weight.size(1);
-  at::Tensor mask = at::empty({rows, in}, weight.options().dtype(at::kBool));
-  advise_huge_pages(mask.data_ptr(), static_cast<size_t>(mask.nbytes()));
+  at::Tensor mask = empty_huge({rows, in}, weight.options().dtype(at::kBool));
   uint8_t* mp = reinterpret_cast<uint8_t*>(mask.data_ptr<bool>());
   bool bad = false;
   switch (weight.scalar_type()) {
@@ -266,24 +218,14 @@ at::Tensor nm_mask(const at::Tensor& weight, const std::optional<at::Tensor>& no
     const auto idx = (~at::isfinite(weight)).nonzero()[0];
     TORCH_CHECK_VALUE(false, "weight contains NaN or Inf (first at index (", idx[0].item<int64_t>(), ", ",
                       idx[1].item<int64_t>(),
-                      ")); pruning needs finite weights: fix the overflow upstream or replace them with torch.nan_to_num");
+                      ")); ", kFiniteHint);
   }
   return mask;
 }
 
 at::Tensor nm_prune_(at::Tensor& weight, const std::optional<at::Tensor>& norm, int64_t n, int64_t m) {
   at::Tensor mask = nm_mask(weight, norm, n, m);  // raises before any write
-  const int64_t numel = weight.numel();
-  const uint8_t* mp = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
-  const int64_t esize = weight.element_size();
-  auto zero = [&](auto* p) {
-    at::parallel_for(0, numel, 1 << 16, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i)
-        if (mp[i]) p[i] = 0;
-    });
-  };
-  if (esize == 4) zero(reinterpret_cast<uint32_t*>(weight.data_ptr()));
-  else zero(reinterpret_cast<uint16_t*>(weight.data_ptr()));
+  zero_masked(weight, mask);
   return mask;
 }
 

@@ -20,13 +20,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "checks.h"
+#include "cpu_util.h"
 #include "pack_24.h"
 
 #ifdef GRADPROBE_WITH_CUDA
@@ -294,14 +294,6 @@ PassResult for_row_blocks(int64_t rows, int64_t row_bytes, F&& f) {
   return {bad, amax};
 }
 
-// Fresh output; large ones ask for transparent huge pages (first-touch faults of 4 KiB pages otherwise
-// cost about as much as the whole pass).
-at::Tensor empty_out(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  at::Tensor t = at::empty(sizes, opts);
-  advise_huge_pages(t.data_ptr(), static_cast<size_t>(t.nbytes()));
-  return t;
-}
-
 // ---- argument checks ------------------------------------------------------------------------------
 
 bool is_pack_dtype(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat; }
@@ -502,8 +494,8 @@ std::tuple<at::Tensor, at::Tensor> pack_24_cutlass(const at::Tensor& weight, con
   GP_CHECK_CPU(weight);
   const PackIn in = prepare_pack(weight, scores, "cutlass", false);
   const bool f32 = in.w.scalar_type() == at::kFloat;
-  at::Tensor packed = empty_out({in.rows, in.cols / 2}, in.w.options());
-  at::Tensor meta = empty_out({in.rows, in.cols / (f32 ? 8 : 16)}, in.w.options().dtype(at::kShort));
+  at::Tensor packed = empty_huge({in.rows, in.cols / 2}, in.w.options());
+  at::Tensor meta = empty_huge({in.rows, in.cols / (f32 ? 8 : 16)}, in.w.options().dtype(at::kShort));
   uint16_t* mp = reinterpret_cast<uint16_t*>(meta.data_ptr<int16_t>());
   PassResult res;
   if (f32) {
@@ -612,7 +604,7 @@ at::Tensor unpack_24_cutlass(const at::Tensor& packed_in, const at::Tensor& meta
   const at::Tensor packed = packed_in.contiguous(), meta = meta_in.contiguous();
   const int64_t rows = packed.size(0), cols = packed.size(1) * 2;
   const bool f32 = packed.scalar_type() == at::kFloat;
-  at::Tensor dense = empty_out({rows, cols}, packed.options());
+  at::Tensor dense = empty_huge({rows, cols}, packed.options());
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(meta.const_data_ptr<int16_t>());
   const void* pp = packed.const_data_ptr();
   void* dp = dense.data_ptr();
@@ -735,8 +727,8 @@ PassResult run_bitmask_any(const PackIn& in, at::Tensor& values, at::Tensor& bit
 std::tuple<at::Tensor, at::Tensor> pack_24_bitmask(const at::Tensor& weight, const std::optional<at::Tensor>& scores) {
   GP_CHECK_CPU(weight);
   const PackIn in = prepare_pack(weight, scores, "bitmask", false);
-  at::Tensor values = empty_out({in.rows, in.cols / 2}, in.w.options());
-  at::Tensor bitmask = empty_out({in.rows, (in.cols + 7) / 8}, in.w.options().dtype(at::kByte));
+  at::Tensor values = empty_huge({in.rows, in.cols / 2}, in.w.options());
+  at::Tensor bitmask = empty_huge({in.rows, (in.cols + 7) / 8}, in.w.options().dtype(at::kByte));
   const PassResult res = in.w.scalar_type() == at::kFloat ? run_bitmask_any<uint32_t>(in, values, bitmask)
                                                           : run_bitmask_any<uint16_t>(in, values, bitmask);
   raise_pack_errors(res, in.w, 4, "bitmask");
@@ -849,7 +841,7 @@ at::Tensor unpack_24_bitmask(const at::Tensor& values_in, const at::Tensor& bitm
   check_bitmask_args(values_in, bitmask_in, cols);
   const at::Tensor values = values_in.contiguous(), bitmask = bitmask_in.contiguous();
   const int64_t rows = values.size(0);
-  at::Tensor dense = empty_out({rows, cols}, values.options());
+  at::Tensor dense = empty_huge({rows, cols}, values.options());
   const PassResult res = values.scalar_type() == at::kFloat ? run_unpack_bitmask<uint32_t>(values, bitmask, dense, cols)
                                                             : run_unpack_bitmask<uint16_t>(values, bitmask, dense, cols);
   if (res.bad != 0) raise_bad_bitmask(bitmask, first_bad_bitmask(bitmask.const_data_ptr<uint8_t>(), rows, cols), cols / 4);

@@ -1,6 +1,5 @@
 // 2:4 packing: layout arithmetic shared by the CPU ops (pack_24.cpp) and the CUDA kernels (pack_24.cu),
-// the plain launcher functions pack_24.cu exports, and host-only helpers of the C++ CPU ops (run-time
-// AVX2 dispatch, huge-page hint; also used by nm_cpu.cpp). No torch headers: pack_24.cu compiles standalone.
+// and the plain launcher functions pack_24.cu exports. No torch headers: pack_24.cu compiles standalone.
 //
 // Layouts (see gradprobe/ops/_schemas.py): a group is 4 consecutive elements of a row (a pair for the
 // fp32 CUTLASS layout). Elements are handled as raw bits (uint16 for fp16/bf16, uint32 for fp32):
@@ -8,21 +7,6 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
-#ifndef __CUDACC__
-#include <cstdlib>
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define GP_X86_AVX2 1
-#define GP_TARGET_AVX2 __attribute__((target("avx2")))
-#else
-#define GP_X86_AVX2 0
-#endif
-#define GP_INLINE inline __attribute__((always_inline))
-#endif
-
 #ifdef __CUDACC__
 #define GP_HD __host__ __device__ __forceinline__
 #else
@@ -100,34 +84,6 @@ GP_HD uint32_t load_group(const Raw* w, const float* s, Raw* v) {
 }
 
 }  // namespace pack24
-
-#ifndef __CUDACC__
-// ---- host helpers shared by the C++ CPU ops (pack_24.cpp, nm_cpu.cpp) ----------------------------------
-
-// AVX2 loops are picked at run time; GRADPROBE_CPP_DISABLE_AVX2=1 (read on every call) forces the portable ones.
-inline bool avx2_enabled() {
-#if GP_X86_AVX2
-  static const bool cpu = __builtin_cpu_supports("avx2");
-  return cpu && std::getenv("GRADPROBE_CPP_DISABLE_AVX2") == nullptr;
-#else
-  return false;
-#endif
-}
-
-// Asks for transparent huge pages over the 2 MiB-aligned interior of [p, p + n): a fresh 45 MB output
-// otherwise costs ~11k first-touch page faults, about as long as a whole pass over it (a hint only).
-inline void advise_huge_pages(void* p, size_t n) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  const uintptr_t b = reinterpret_cast<uintptr_t>(p);
-  const uintptr_t lo = (b + kHuge - 1) & ~(kHuge - 1), hi = (b + n) & ~(kHuge - 1);
-  if (p != nullptr && hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)n;
-#endif
-}
-#endif
 
 // ---- CUDA launchers (pack_24.cu), callable from host code without CUDA headers ---------------------
 // All pointers are device pointers to contiguous row-major data; `stream` is a cudaStream_t. elem_bytes

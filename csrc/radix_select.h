@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu_util.h"
+
 namespace gradprobe {
 
 // Scores are fp32(|w|) * |norm| >= 0, so the IEEE bit pattern of a score, read as uint32, is already
@@ -50,6 +52,29 @@ struct AbsBits<c10::Half> {
 
 // 1 iff |w| bits encode Inf or NaN (a >= 0x7F800000 for a <= 0x7FFFFFFF), branch-free.
 inline uint32_t nonfinite(uint32_t abs_bits) { return (abs_bits + 0x00800000u) >> 31; }
+
+// keys[j] = key(score(w[j], nrm[j])) for j < n (nrm null: magnitude); returns nonzero iff some w[j] is
+// NaN/Inf. GP_INLINE: each ISA copy of a hot loop gets its own vectorisation of it.
+template <typename T>
+GP_INLINE uint32_t fill_keys(const T* w, const float* __restrict nrm, int64_t n, uint32_t* __restrict keys) {
+  using Raw = typename AbsBits<T>::Raw;
+  const Raw* __restrict raw = reinterpret_cast<const Raw*>(w);
+  uint32_t bad = 0;
+  if (nrm != nullptr) {
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t a = AbsBits<T>::get(raw[j]);
+      bad |= nonfinite(a);
+      keys[j] = f32_bits(bits_f32(a) * nrm[j]) & kKeyMask;
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t a = AbsBits<T>::get(raw[j]);
+      bad |= nonfinite(a);
+      keys[j] = a;
+    }
+  }
+  return bad;
+}
 
 // Digit layout of the 31-bit key. Per row: 11 + 11 + 9 bits (2048-bucket histograms stay in L1).
 // Global (streaming, each pass re-reads the tensors): 15 + 16 bits, two passes.

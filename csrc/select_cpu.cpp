@@ -20,27 +20,15 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
 
+#include "cpu_util.h"
 #include "radix_select.h"
 #include "score_cpu.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define GP_X86_AVX2 1
-#define GP_TARGET_AVX2 __attribute__((target("avx2,popcnt")))
-#else
-#define GP_X86_AVX2 0
-#endif
-#define GP_INLINE inline __attribute__((always_inline))
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 namespace gradprobe {
 namespace {
@@ -50,41 +38,6 @@ constexpr int64_t kBlock = 4096;         // keys computed per block (16 KiB buff
 constexpr int64_t kChunk = 1 << 16;      // global ops: elements per parallel task
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
-
-// Fresh bool output of `sizes`. Large ones ask the kernel for transparent huge pages: a 45 MB mask
-// otherwise costs ~11k first-touch page faults, a sizeable share of the whole op (a hint only).
-at::Tensor empty_mask(at::IntArrayRef sizes, const at::TensorOptions& like) {
-  at::Tensor m = at::empty(sizes, like.dtype(at::kBool));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  const uintptr_t b = reinterpret_cast<uintptr_t>(m.data_ptr());
-  const uintptr_t lo = (b + kHuge - 1) & ~(kHuge - 1), hi = (b + static_cast<uintptr_t>(m.numel())) & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#endif
-  return m;
-}
-
-// keys[j] = key(score(w[j], nrm[j])) for j < n; returns nonzero iff some w[j] is NaN/Inf.
-template <typename T>
-GP_INLINE uint32_t fill_keys(const T* w, const float* __restrict nrm, int64_t n, uint32_t* __restrict keys) {
-  using Raw = typename AbsBits<T>::Raw;
-  const Raw* __restrict raw = reinterpret_cast<const Raw*>(w);
-  uint32_t bad = 0;
-  if (nrm != nullptr) {
-    for (int64_t j = 0; j < n; ++j) {
-      const uint32_t a = AbsBits<T>::get(raw[j]);
-      bad |= nonfinite(a);
-      keys[j] = f32_bits(bits_f32(a) * nrm[j]) & kKeyMask;
-    }
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      const uint32_t a = AbsBits<T>::get(raw[j]);
-      bad |= nonfinite(a);
-      keys[j] = a;
-    }
-  }
-  return bad;
-}
 
 // ---- per row -------------------------------------------------------------------------------------
 
@@ -346,17 +299,6 @@ GP_TARGET_AVX2 uint32_t row_one_avx2(const T* w, const float* nrm, int64_t n, in
 }
 #endif
 
-// AVX2 paths are picked at run time; GRADPROBE_CPP_DISABLE_AVX2=1 forces the baseline path (tests).
-bool cpu_has_avx2() {
-#if GP_X86_AVX2
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt") &&
-                          std::getenv("GRADPROBE_CPP_DISABLE_AVX2") == nullptr;
-  return has;
-#else
-  return false;
-#endif
-}
-
 // Runs the per-row selection into `out`. Returns the first row holding a non-finite weight, or -1.
 template <typename T>
 int64_t row_run(const at::Tensor& weight, const float* nrm, int64_t k, const RowOut& out) {
@@ -365,7 +307,7 @@ int64_t row_run(const at::Tensor& weight, const float* nrm, int64_t k, const Row
   std::vector<uint8_t> bad(static_cast<size_t>(rows), 0);
   auto row_fn = &row_one_default<T>;
 #if GP_X86_AVX2
-  if (cpu_has_avx2()) row_fn = &row_one_avx2<T>;
+  if (avx2_enabled()) row_fn = &row_one_avx2<T>;
 #endif
   const int nt = num_threads();
   // contiguous blocks of rows (streaming reads of W and writes of the mask), 8 per thread for balance
@@ -435,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_threshold(const at::Tensor& w
 
 at::Tensor row_mask(const at::Tensor& weight, const std::optional<at::Tensor>& norm, int64_t k) {
   const RowArgs a = check_row(weight, norm, k);
-  at::Tensor mask = empty_mask(weight.sizes(), weight.options());
+  at::Tensor mask = empty_huge(weight.sizes(), weight.options().dtype(at::kBool));
   const int64_t bad = dispatch_weight(weight.scalar_type(), [&](auto tag) {
     return row_run<decltype(tag)>(weight, a.nrm_ptr(), k, RowOut{nullptr, nullptr, nullptr, mask.data_ptr<bool>()});
   });
@@ -443,29 +385,9 @@ at::Tensor row_mask(const at::Tensor& weight, const std::optional<at::Tensor>& n
   return mask;
 }
 
-// w[i] = mask[i] ? +0 : w[i] on the raw storage (U = uint32_t for fp32, uint16_t for bf16/fp16).
-template <typename U>
-void zero_masked(void* w, const bool* mask, int64_t n) {
-  U* __restrict p = static_cast<U*>(w);
-  const uint8_t* __restrict m = reinterpret_cast<const uint8_t*>(mask);
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
-  for (int64_t b = 0; b < n; b += kChunk) {
-    const int64_t e = std::min(n, b + kChunk);
-    for (int64_t i = b; i < e; ++i) p[i] &= static_cast<U>(static_cast<U>(m[i] != 0) - 1);  // all-ones unless masked
-  }
-}
-
-void zero_masked_any(at::Tensor& w, const at::Tensor& mask) {
-  if (w.scalar_type() == at::kFloat) {
-    zero_masked<uint32_t>(w.data_ptr(), mask.data_ptr<bool>(), w.numel());
-  } else {
-    zero_masked<uint16_t>(w.data_ptr(), mask.data_ptr<bool>(), w.numel());
-  }
-}
-
 at::Tensor row_prune_(at::Tensor& weight, const std::optional<at::Tensor>& norm, int64_t k) {
   at::Tensor mask = row_mask(weight, norm, k);  // throws on NaN/Inf before anything is written
-  zero_masked_any(weight, mask);
+  zero_masked(weight, mask);
   return mask;
 }
 
@@ -480,6 +402,7 @@ struct Group {
   std::vector<std::vector<float>> nrm;  // |norms[i]|, or empty (magnitude)
   std::vector<Chunk> chunks;            // in group order
   int64_t total = 0;
+  bool avx2 = false;                    // AVX2 loops (avx2_enabled(), read once per op)
 };
 
 Group make_group(at::TensorList weights, at::TensorList norms) {
@@ -487,6 +410,7 @@ Group make_group(at::TensorList weights, at::TensorList norms) {
   TORCH_CHECK_VALUE(norms.empty() || norms.size() == weights.size(), "norms has ", norms.size(), " entries for ",
                     weights.size(), " weights; pass one per weight or an empty list (magnitude scores)");
   Group g;
+  g.avx2 = avx2_enabled();
   for (size_t i = 0; i < weights.size(); ++i) {
     const std::string name = "weights[" + std::to_string(i) + "]";
     check_weight(weights[i], name);
@@ -590,7 +514,7 @@ uint32_t run_chunk(const Group& g, const Chunk& c, uint32_t* buf, PassArgs& a) {
     using T = decltype(tag);
     const T* wp = w.data_ptr<T>();
 #if GP_X86_AVX2
-    if (cpu_has_avx2()) return chunk_pass_avx2<T>(wp, nrm, w.size(1), c.f0, c.f1, buf, a);
+    if (g.avx2) return chunk_pass_avx2<T>(wp, nrm, w.size(1), c.f0, c.f1, buf, a);
 #endif
     return chunk_pass_default<T>(wp, nrm, w.size(1), c.f0, c.f1, buf, a);
   });
@@ -730,7 +654,7 @@ std::vector<at::Tensor> global_mask(at::TensorList weights, at::TensorList norms
                                     const at::Tensor& take) {
   const Group g = make_group(weights, norms);
   std::vector<at::Tensor> masks;
-  for (const auto& w : g.w) masks.push_back(empty_mask(w.sizes(), w.options()));
+  for (const auto& w : g.w) masks.push_back(empty_huge(w.sizes(), w.options().dtype(at::kBool)));
   global_mask_into(g, threshold, take, masks);
   return masks;
 }
@@ -753,7 +677,7 @@ void global_prune_(at::TensorList weights, at::TensorList masks, at::TensorList 
   global_mask_into(g, threshold, take, ms);  // throws on NaN/Inf before any weight is written
   for (size_t i = 0; i < ms.size(); ++i) {
     at::Tensor w = weights[i];
-    zero_masked_any(w, ms[i]);
+    zero_masked(w, ms[i]);
   }
 }
 
