@@ -10,6 +10,7 @@ from tiny_models import random_batches, tiny_llama, tiny_mistral
 
 import gradprobe
 from gradprobe.probe import SizeAdaptive, probe, resolve_threshold
+from tests.helpers import backend_params, with_backend
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -128,6 +129,18 @@ def test_model_mode_equals_reference(batches, method, scope):
         assert torch.equal(w[~masks[n]], dense[n][~masks[n]])
     pruned = sum(int(m.sum()) for m in masks.values())
     assert 0 < pruned < 0.5 * sum(m.numel() for m in masks.values()) + 1  # some candidates were restored
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params(("reference", "cpp", "triton")))
+def test_every_backend_runs_the_probe_identically(batches, backend, device):
+    """The hook's accumulation and the fused decide + restore + zero, end to end, on each backend."""
+    model, ref = tiny_llama().to(device), tiny_llama()
+    with with_backend(backend):
+        masks = gradprobe.probe_prune_(model, [b.to(device) for b in batches], 0.5, mode="model")
+    want = ref_probe_group(ref, list(weights(ref)), list(batches), 0.5, "wanda", "row", 0.1, 0.0)
+    for n in want:
+        assert torch.equal(masks[n].cpu(), want[n]), n
+        assert torch.equal(weights(model)[n].detach().cpu(), weights(ref)[n].detach()), n
 
 
 @pytest.mark.parametrize("order,method,scope", [("reverse", "wanda", "row"), ("forward", "wanda", "row"),
