@@ -127,6 +127,28 @@ def global_concat_kthvalue_masks(
     return [score(w, None if norms is None else norms[i]) <= thr for i, w in enumerate(weights)]
 
 
+# ---- N:M (prune the n smallest of every m consecutive scores of a row) --------------------------
+
+
+def nm_wanda_loop_mask(weight: torch.Tensor, norm: torch.Tensor | None, n: int, m: int) -> torch.Tensor:
+    """Wanda's ``prune_wanda`` N:M branch: a Python loop over columns, ``topk`` of every m-column block."""
+    s = score(weight, norm)
+    mask = torch.zeros_like(s, dtype=torch.bool)
+    for ii in range(s.shape[1]):
+        if ii % m == 0:
+            tmp = s[:, ii : ii + m].float()
+            mask.scatter_(1, ii + torch.topk(tmp, n, dim=1, largest=False)[1], True)
+    return mask
+
+
+def nm_topk_mask(weight: torch.Tensor, norm: torch.Tensor | None, n: int, m: int) -> torch.Tensor:
+    """Vectorised: one ``topk`` over the (-1, m) view of the scores."""
+    s = score(weight, norm).reshape(-1, m)
+    mask = torch.zeros_like(s, dtype=torch.bool)
+    mask.scatter_(1, torch.topk(s, n, dim=1, largest=False).indices, True)
+    return mask.reshape(weight.shape)
+
+
 # ---- the floor ----------------------------------------------------------------------------------
 
 

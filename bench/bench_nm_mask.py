@@ -19,28 +19,10 @@ _HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE), str(_HERE.parent)]
 
 import _harness as H  # noqa: E402
+import baselines as bl  # noqa: E402
 
 import gradprobe  # noqa: E402
 from gradprobe.ops import reference as ref  # noqa: E402
-
-
-def wanda_loop_mask(w: torch.Tensor, norm: torch.Tensor | None, n: int, m: int) -> torch.Tensor:
-    """Wanda's prune_wanda N:M branch: a Python loop over columns, topk of every m-column block."""
-    s = ref.score(w, norm)
-    mask = torch.zeros_like(s, dtype=torch.bool)
-    for ii in range(s.shape[1]):
-        if ii % m == 0:
-            tmp = s[:, ii : ii + m].float()
-            mask.scatter_(1, ii + torch.topk(tmp, n, dim=1, largest=False)[1], True)
-    return mask
-
-
-def topk_mask(w: torch.Tensor, norm: torch.Tensor | None, n: int, m: int) -> torch.Tensor:
-    """Vectorised: one topk over the (-1, m) view of the scores."""
-    s = ref.score(w, norm).reshape(-1, m)
-    mask = torch.zeros_like(s, dtype=torch.bool)
-    mask.scatter_(1, torch.topk(s, n, dim=1, largest=False).indices, True)
-    return mask.reshape(w.shape)
 
 
 def pruned_profile(s: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -86,10 +68,10 @@ def main(argv=None) -> None:
     refn = lambda: ref.nm_mask(w, norm, n, m)
     b.run("reference (stable sort, (-1,m) view)", refn, problem=problem, dtype=w.dtype, nbytes=nbytes,
           check=check_exact(refn, "reference"), backend="reference", budget_s=a.budget)
-    tk = lambda: topk_mask(w, norm, n, m)
+    tk = lambda: bl.nm_topk_mask(w, norm, n, m)
     b.run("vectorised topk ((-1,m) view)", tk, problem=problem, dtype=w.dtype, nbytes=nbytes,
           check=check_selection(tk, "topk"), budget_s=a.budget)
-    loop = lambda: wanda_loop_mask(w, norm, n, m)
+    loop = lambda: bl.nm_wanda_loop_mask(w, norm, n, m)
     b.run("Wanda per-column loop", loop, problem=problem, dtype=w.dtype, nbytes=nbytes,
           check=check_selection(loop, "Wanda loop"), budget_s=a.budget, min_reps=1, warmup=0)
     print()

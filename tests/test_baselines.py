@@ -81,6 +81,15 @@ def test_row_baselines_vs_reference(dtype, kind, with_norm):
     assert bool((kv | ~expected).all()), "kthvalue mask must contain the reference mask"
 
 
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8)], ids=lambda nm: f"nm={nm[0]}:{nm[1]}")
+def test_nm_baselines_equal_reference(nm):
+    w = make_weight((16, 64), torch.float32)  # distinct scores: topk's tie order does not matter
+    norm = make_norm(64)
+    expected = ref.nm_rank_mask(ref.score(w, norm), *nm)
+    assert_masks_equal(bl.nm_wanda_loop_mask(w, norm, *nm), expected, "reference vs Wanda loop")
+    assert_masks_equal(bl.nm_topk_mask(w, norm, *nm), expected, "reference vs vectorised topk")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("kind", ["randn", "ties"])
 def test_block_sort_equals_reference_on_blocks(dtype, kind):

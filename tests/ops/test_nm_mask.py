@@ -34,16 +34,6 @@ def nm_id(nm) -> str:
     return f"nm={nm[0]}:{nm[1]}"
 
 
-def wanda_loop_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """The Wanda reference code's N:M selection: a Python loop over column blocks, topk per block."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    for ii in range(scores.shape[1]):
-        if ii % m == 0:
-            tmp = scores[:, ii : ii + m].float()
-            mask.scatter_(1, ii + torch.topk(tmp, n, dim=1, largest=False)[1], True)
-    return mask
-
-
 def check_counts(mask: torch.Tensor, n: int, m: int) -> None:
     counts = mask.reshape(-1, m).sum(-1)
     assert bool((counts == n).all()), f"groups prune {counts.unique().tolist()} instead of exactly {n}"
@@ -90,14 +80,6 @@ def test_nm_llama_in_features(backend, device, cols):
         got = gradprobe.prune_mask(w, 0.5, norm=norm, structure="2:4")
     assert_masks_equal(got, ref.nm_rank_mask(ref.score(w, norm), 2, 4), f"2:4 {rows}x{cols}")
     check_counts(got, 2, 4)
-
-
-@pytest.mark.parametrize("nm", [(2, 4), (4, 8)], ids=nm_id)
-def test_reference_equals_wanda_loop(nm):
-    w = make_weight((16, 64), torch.float32)  # distinct scores: topk's tie order does not matter
-    norm = make_norm(64)
-    s = ref.score(w, norm)
-    assert_masks_equal(ref.nm_rank_mask(s, *nm), wanda_loop_mask(s, *nm), "reference vs Wanda loop")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
