@@ -148,12 +148,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_cumsum_cut(const 
   const CutOut out{thr.data_ptr<float>(), take.data_ptr<int64_t>(), pruned.data_ptr<int64_t>(),
                    total.data_ptr<int64_t>()};
   const float* np = nrm.empty() ? nullptr : nrm.data();
-  int64_t bad = -1;
-  switch (weight.scalar_type()) {
-    case at::kFloat: bad = cut_rows<float>(weight, np, alpha, out); break;
-    case at::kBFloat16: bad = cut_rows<c10::BFloat16>(weight, np, alpha, out); break;
-    default: bad = cut_rows<c10::Half>(weight, np, alpha, out); break;
-  }
+  const int64_t bad = dispatch_weight(weight.scalar_type(), [&](auto tag) {
+    return cut_rows<decltype(tag)>(weight, np, alpha, out);
+  });
   TORCH_CHECK_VALUE(bad < 0, "weight contains NaN or Inf (first in row ", bad, "); ", kFiniteHint);
   return {thr, take, pruned, total};
 }

@@ -208,12 +208,9 @@ at::Tensor nm_mask(const at::Tensor& weight, const std::optional<at::Tensor>& no
   const int64_t rows = weight.size(0), in = weight.size(1);
   at::Tensor mask = empty_huge({rows, in}, weight.options().dtype(at::kBool));
   uint8_t* mp = reinterpret_cast<uint8_t*>(mask.data_ptr<bool>());
-  bool bad = false;
-  switch (weight.scalar_type()) {
-    case at::kFloat: bad = nm_dispatch_m(weight.const_data_ptr<float>(), nrm, rows, in, n, m, mp); break;
-    case at::kBFloat16: bad = nm_dispatch_m(weight.const_data_ptr<c10::BFloat16>(), nrm, rows, in, n, m, mp); break;
-    default: bad = nm_dispatch_m(weight.const_data_ptr<c10::Half>(), nrm, rows, in, n, m, mp); break;
-  }
+  const bool bad = dispatch_weight(weight.scalar_type(), [&](auto tag) {
+    return nm_dispatch_m(weight.const_data_ptr<decltype(tag)>(), nrm, rows, in, n, m, mp);
+  });
   if (bad) {
     const auto idx = (~at::isfinite(weight)).nonzero()[0];
     TORCH_CHECK_VALUE(false, "weight contains NaN or Inf (first at index (", idx[0].item<int64_t>(), ", ",

@@ -43,4 +43,19 @@ inline void check_weight(const at::Tensor& w, const std::string& name) {
   TORCH_CHECK_VALUE(w.is_contiguous(), name, " must be contiguous; call .contiguous() first");
 }
 
+// f(T{}) with T the element type of a weight of dtype `st` (float, c10::BFloat16 or c10::Half).
+template <typename F>
+auto dispatch_weight(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat:
+      return f(float{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    case at::kHalf:
+      return f(c10::Half{});
+    default:
+      TORCH_CHECK_TYPE(false, "weight must be float32, bfloat16 or float16, got ", st);
+  }
+}
+
 }  // namespace gradprobe

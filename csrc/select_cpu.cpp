@@ -327,20 +327,6 @@ int64_t row_run(const at::Tensor& weight, const float* nrm, int64_t k, const Row
   return -1;
 }
 
-template <typename F>
-auto dispatch_weight(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat:
-      return f(float{});
-    case at::kBFloat16:
-      return f(c10::BFloat16{});
-    case at::kHalf:
-      return f(c10::Half{});
-    default:
-      TORCH_CHECK_TYPE(false, "weight must be float32, bfloat16 or float16, got ", st);
-  }
-}
-
 struct RowArgs {
   std::vector<float> nrm;
   const float* nrm_ptr() const { return nrm.empty() ? nullptr : nrm.data(); }
