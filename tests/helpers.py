@@ -1,13 +1,10 @@
-"""Shared test helpers: devices, backend parameters, verbose mask asserts, weight factories, op-registration
-skips and the C++ baseline-ISA runner."""
+"""Shared test helpers: devices, backend parameters, verbose mask asserts, weight factories and
+op-registration skips."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -141,30 +138,3 @@ def require_ops_fixture(ops):
             require_ops(request.getfixturevalue("backend"), request.getfixturevalue("device"), ops)
 
     return _require_ops
-
-
-_CPP_PROLOGUE = """
-import torch, gradprobe
-from gradprobe.ops import reference as ref
-from gradprobe import _extension
-_extension.load()
-cpp = torch.ops.gradprobe_cpp
-torch.manual_seed(0)
-"""
-
-
-def run_cpp_without_avx2(body: str) -> None:
-    """Run ``body`` (Python source, unindented) in a fresh interpreter with ``GRADPROBE_CPP_DISABLE_AVX2=1``,
-    so the C++ ops take their baseline (non-AVX2) path; it must exit 0. ``body`` sees ``torch``,
-    ``ref`` (gradprobe.ops.reference) and ``cpp`` (torch.ops.gradprobe_cpp), seeded with 0."""
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = {**os.environ, "GRADPROBE_CPP_DISABLE_AVX2": "1", "PYTHONPATH": str(root)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _CPP_PROLOGUE + body + '\nprint("OK")\n'],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

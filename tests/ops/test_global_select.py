@@ -8,7 +8,6 @@ triple must equal ``reference.threshold_triple`` of the concatenated scores, exa
 from __future__ import annotations
 
 import math
-import textwrap
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradprobe
+from gradprobe import _extension
 from gradprobe.ops import reference as ref
 from tests.helpers import (
     DTYPES,
@@ -27,7 +27,6 @@ from tests.helpers import (
     make_weight,
     require_ops_fixture,
     requires_cpp,
-    run_cpp_without_avx2,
     with_backend,
 )
 
@@ -266,8 +265,16 @@ def test_global_opcheck(backend, device):
             )
 
 
-_BASELINE_ISA_PROBE = textwrap.dedent(
-    """
+
+
+@requires_cpp
+def test_cpp_baseline_isa_path_is_exact(monkeypatch):
+    """The C++ ops pick AVX2 code at run time; the baseline (non-AVX2) path must be exact too
+    (GRADPROBE_CPP_DISABLE_AVX2 is read on every op call)."""
+    monkeypatch.setenv("GRADPROBE_CPP_DISABLE_AVX2", "1")
+    _extension.load()
+    cpp = torch.ops.gradprobe_cpp
+    torch.manual_seed(0)
     groups = [([torch.randn(37, 300), torch.randn(70, 1000).bfloat16()], [torch.rand(300), torch.rand(1000)]),
               ([torch.full((300, 1000), 0.25), torch.randint(-2, 3, (9, 4097)).half()], [])]
     for ws, ns in groups:
@@ -276,13 +283,5 @@ _BASELINE_ISA_PROBE = textwrap.dedent(
             thr, take, eq = cpp.global_threshold(ws, ns, k)
             exp = ref.global_threshold(ws, ns, k)
             assert torch.equal(thr, exp[0]) and take == exp[1] and eq == exp[2], k
-            for m, e in zip(cpp.global_mask(ws, ns, thr, take), ref.global_masks_sorted(ws, ns, k)):
+            for m, e in zip(cpp.global_mask(ws, ns, thr, take), ref.global_masks_sorted(ws, ns, k), strict=True):
                 assert torch.equal(m, e), k
-    """
-)
-
-
-@requires_cpp
-def test_cpp_baseline_isa_path_is_exact():
-    """The C++ ops pick AVX2 code at run time; the baseline (non-AVX2) path must be exact too."""
-    run_cpp_without_avx2(_BASELINE_ISA_PROBE)

@@ -8,7 +8,6 @@ exactly the masked weights and nothing else.
 from __future__ import annotations
 
 import math
-import textwrap
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradprobe
+from gradprobe import _extension
 from gradprobe.ops import reference as ref
 from tests.helpers import (
     DTYPES,
@@ -27,7 +27,6 @@ from tests.helpers import (
     make_weight,
     require_ops_fixture,
     requires_cpp,
-    run_cpp_without_avx2,
     with_backend,
 )
 
@@ -233,8 +232,16 @@ def test_row_opcheck(backend, device, op):
             torch.library.opcheck(getattr(torch.ops.gradprobe, op).default, args)
 
 
-_BASELINE_ISA_PROBE = textwrap.dedent(
-    """
+
+
+@requires_cpp
+def test_cpp_baseline_isa_path_is_exact(monkeypatch):
+    """The C++ ops pick AVX2 code at run time; the baseline (non-AVX2) path must be exact too
+    (GRADPROBE_CPP_DISABLE_AVX2 is read on every op call)."""
+    monkeypatch.setenv("GRADPROBE_CPP_DISABLE_AVX2", "1")
+    _extension.load()
+    cpp = torch.ops.gradprobe_cpp
+    torch.manual_seed(0)
     cases = [(torch.randn(37, 300), torch.rand(300)), (torch.randn(5, 4097).bfloat16(), torch.rand(4097)),
              (torch.randint(-3, 4, (6, 3000)).half(), None), (torch.full((4, 2500), 0.5), None)]
     w = torch.randn(3, 8000).abs() + 1
@@ -245,12 +252,4 @@ _BASELINE_ISA_PROBE = textwrap.dedent(
         for k in (0, 1, w.shape[1] // 3, w.shape[1] - 1, w.shape[1]):
             assert torch.equal(cpp.row_mask(w, n, k), ref.stable_rank_mask(s, k)), (w.shape, k)
             got, exp = cpp.row_threshold(w, n, k), ref.threshold_triple(s, k)
-            assert all(torch.equal(a, b) for a, b in zip(got, exp)), (w.shape, k)
-    """
-)
-
-
-@requires_cpp
-def test_cpp_baseline_isa_path_is_exact():
-    """The C++ ops pick AVX2 code at run time; the baseline (non-AVX2) path must be exact too."""
-    run_cpp_without_avx2(_BASELINE_ISA_PROBE)
+            assert all(torch.equal(a, b) for a, b in zip(got, exp, strict=True)), (w.shape, k)
