@@ -21,12 +21,8 @@ from gradprobe.ops.reference import check_probe_accumulate, check_probe_apply, r
 
 CHUNK = 4096  # elements per pass-1 count; pass-2 blocks (BLOCK) divide it
 
-ELEMENTWISE_CONFIGS = [
-    triton.Config({"BLOCK": 1024}, num_warps=4),
-    triton.Config({"BLOCK": 2048}, num_warps=8),
-    triton.Config({"BLOCK": 4096}, num_warps=8),
-]
-APPLY_CONFIGS = [
+# both kernels: elementwise over BLOCK elements (apply: BLOCK divides CHUNK)
+CONFIGS = [
     triton.Config({"BLOCK": 1024}, num_warps=4),
     triton.Config({"BLOCK": 2048}, num_warps=8),
     triton.Config({"BLOCK": 4096}, num_warps=8),
@@ -36,7 +32,7 @@ _BITS = {2: torch.int16, 4: torch.int32}  # weight bits are copied, never conver
 
 
 # Both kernels are idempotent (outputs are functions of inputs not written), so autotune may re-run them.
-@_configs.autotune(ELEMENTWISE_CONFIGS, key=["n_bucket"])
+@_configs.autotune(CONFIGS, key=["n_bucket"])
 @triton.jit
 def _accumulate_kernel(acc_ptr, grad_ptr, n, n_bucket, F64: tl.constexpr, BLOCK: tl.constexpr):
     """acc[i] = |grad[i]| where |grad[i]| > acc[i] or |grad[i]| is NaN (acc, grad: (n,), one float dtype).
@@ -62,7 +58,7 @@ def _count_kernel(cand_ptr, counts_ptr, n, CHUNK: tl.constexpr):
     tl.store(counts_ptr + pid, tl.sum(c.to(tl.int64), 0))
 
 
-@_configs.autotune(APPLY_CONFIGS, key=["n_bucket"])
+@_configs.autotune(CONFIGS, key=["n_bucket"])
 @triton.jit
 def _apply_kernel(w_ptr, cand_ptr, backup_ptr, g0_ptr, g1_ptr, mask_ptr, counts_ptr, incl_ptr, n, k, n_chunks,
                   scale, n_bucket, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
