@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "radix_select.h"
 
 namespace gradprobe {
 namespace {
@@ -39,7 +40,7 @@ bool is_probe_float(at::ScalarType t) {
 struct F32 {
   using Raw = uint32_t;
   static constexpr Raw kAbs = 0x7FFFFFFFu;
-  static float value(Raw r) { float f; std::memcpy(&f, &r, 4); return f; }
+  static float value(Raw r) { return bits_f32(r); }
 };
 struct F64 {
   using Raw = uint64_t;
@@ -49,7 +50,7 @@ struct F64 {
 struct BF16 {
   using Raw = uint16_t;
   static constexpr Raw kAbs = 0x7FFF;
-  static float value(Raw r) { return F32::value(static_cast<uint32_t>(r) << 16); }
+  static float value(Raw r) { return bits_f32(static_cast<uint32_t>(r) << 16); }
 };
 struct F16 {
   using Raw = uint16_t;
