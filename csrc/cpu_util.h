@@ -26,6 +26,14 @@
 namespace gradprobe {
 
 // AVX2 loops are picked at run time; GRADPROBE_CPP_DISABLE_AVX2=1 (read on every call) forces the portable ones.
+// Threads worth waking for `elems` elements of streaming work: one per 256 Ki elements, at most the
+// pool. Small tensors stay on the calling thread: on a loaded machine, waking an idle or descheduled
+// pool thread costs milliseconds, more than the whole op.
+inline int threads_for(int64_t elems) {
+  const int64_t want = (elems + (int64_t{1} << 18) - 1) >> 18;
+  return static_cast<int>(std::clamp<int64_t>(want, 1, std::max(1, at::get_num_threads())));
+}
+
 inline bool avx2_enabled() {
 #if GP_X86_AVX2
   static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");

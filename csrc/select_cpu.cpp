@@ -309,7 +309,7 @@ int64_t row_run(const at::Tensor& weight, const float* nrm, int64_t k, const Row
 #if GP_X86_AVX2
   if (avx2_enabled()) row_fn = &row_one_avx2<T>;
 #endif
-  const int nt = num_threads();
+  const int nt = threads_for(rows * n);
   // contiguous blocks of rows (streaming reads of W and writes of the mask), 8 per thread for balance
   const int64_t rows_per_task = std::max<int64_t>(1, rows / (8 * nt));
 #pragma omp parallel num_threads(nt)
