@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7])
-    ap.add_argument("--methods", nargs="+", default=["uniform", "global", "variant", "owl"])
+    ap.add_argument("--methods", nargs="+", default=["uniform", "global", "variant", "owl", "owl-rescaled"])
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load_default_model()
@@ -67,13 +67,14 @@ def main() -> None:
                 alloc = report_allocation(rep, f"variant {s}", s)
                 alphas = [r.alpha for r in fn.results.values()]
                 note = f"alpha {min(alphas):.3f}..{max(alphas):.3f}"
-            else:
-                owl = owl_from_model(model, batches, s)
+            else:  # owl (the published mapping) or owl-rescaled
+                mapping = "published" if method == "owl" else "rescaled"
+                owl = owl_from_model(model, batches, s, mapping=mapping)
                 rep = gradprobe.prune(model, batches, owl.config(**base))
                 owl.check(rep)
                 alloc = owl
                 ls = owl.layer_sparsity.values()
-                note = f"m 5, lam 0.08; layers {min(ls):.3f}..{max(ls):.3f}"
+                note = f"m 5, lam 0.08, {mapping}; layers {min(ls):.3f}..{max(ls):.3f}"
             secs = time.perf_counter() - t0
             alloc.save_plot(OUT / "allocation" / f"{method}_{int(s * 100)}.png")
             tables.append(alloc.table())

@@ -10,12 +10,23 @@ Allocations:
 
 * :func:`owl_allocation` / :func:`owl_from_model` — OWL (Yin et al., "Outlier Weighed Layerwise
   sparsity", https://github.com/luuyin/OWL). Layer outlier ratio ``LOD_l`` = share of the layer's Wanda
-  scores (all its tensors, dense model) strictly above ``m`` x their exact arithmetic mean. Layer
-  sparsity ``s_l = target - beta * (u_l - u_bar)``, ``u_l = (LOD_l - min) / (max - min)``, ``u_bar`` the
-  size-weighted mean of ``u``, ``beta = lambda / max_l |u_l - u_bar|``: linear, more outliers -> lower
-  sparsity, every layer within ``+-lambda`` of the target (before rounding) and the size-weighted
-  mean exactly the target. (The OWL code maps LOD to [0, 2 lambda] and mean-centres without weights,
-  which lets one layer stray up to 2 lambda; the scaling here keeps the stated +-lambda bound.)
+  scores (all its tensors, dense model) strictly above ``m`` x their exact arithmetic mean. Two
+  mappings from LOD to layer sparsity (more outliers -> lower sparsity, linear in LOD):
+
+  - ``mapping="published"`` (the default; CLI ``--allocation owl``): the formula of the OWL code
+    (``lib/prune_all.py``) and of llm-compressor's ``_infer_owl_layer_sparsity``:
+    ``r_l = (LOD_l - min) / (max - min) * 2 lambda`` (min-max to [0, 2 lambda]) and
+    ``s_l = target - (r_l - mean_l r_l)``; a layer may sit up to 2 lambda from the target. The
+    published mean is unweighted; when decoder layers differ in size it is replaced by the
+    size-weighted mean (one common shift of every ``s_l``) so that the fractions sum to the budget.
+    Every supported family has equal-sized decoder layers, where both means coincide and ``s_l`` is
+    exactly the published value. If max == min (or lambda == 0) every layer gets the target.
+  - ``mapping="rescaled"`` (CLI ``--allocation owl-rescaled``): ``s_l = target - beta * (u_l - u_bar)``,
+    ``u_l = (LOD_l - min) / (max - min)``, ``u_bar`` the size-weighted mean of ``u``,
+    ``beta = lambda / max_l |u_l - u_bar|``: every layer within ``+-lambda`` of the target (before
+    rounding), the most extreme layer exactly at ``+-lambda``.
+
+  Either way the real fractions are turned into exact counts by :func:`round_counts`.
 * :func:`explicit_allocation` — one float, a per-layer list / mapping, or per tensor kind
   (``{"attn": 0.4, "mlp": 0.6}``, or short names such as ``"down_proj"``).
 * :func:`report_allocation` — the table/plot of any finished run (uniform, global threshold).
@@ -361,17 +372,34 @@ def explicit_allocation(
 # --------------------------------------------------------------------------------------------------
 # OWL
 # --------------------------------------------------------------------------------------------------
-def check_owl(target: float, m: float, lam: float) -> tuple[float, float, float]:
+OWL_MAPPINGS = ("published", "rescaled")
+
+
+def check_owl(
+    target: float, m: float, lam: float, mapping: str = "published"
+) -> tuple[float, float, float]:
+    """Validate OWL arguments (ValueError naming the argument); returns (target, m, lam) as floats.
+
+    The published mapping moves a layer by up to ``2 lam`` from the target, the rescaled one by up to
+    ``lam``; the layer sparsities must stay in [0, 1).
+    """
+    if mapping not in OWL_MAPPINGS:
+        raise ValueError(f"mapping must be one of {OWL_MAPPINGS}, got {mapping!r}")
     target = check_sparsity(target, "target")
     for name, v in (("m", m), ("lam", lam)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite float, got {v!r}")
     if m <= 0:
         raise ValueError(f"m must be > 0 (outliers are scores above m x the layer mean; OWL uses 5), got {m}")
-    if lam < 0 or lam >= target or target + lam >= 1:
+    if mapping == "rescaled" and (lam < 0 or lam >= target or target + lam >= 1):
         raise ValueError(
             f"lam must satisfy 0 <= lam < target and target + lam < 1 (layer sparsities in "
             f"[target - lam, target + lam]), got lam={lam} with target={target}"
+        )
+    if mapping == "published" and (lam < 0 or 2 * lam > target or target + 2 * lam >= 1):
+        raise ValueError(
+            f"lam must satisfy 0 <= 2 lam <= target and target + 2 lam < 1 (the published OWL mapping "
+            f"puts layer sparsities in [target - 2 lam, target + 2 lam]), got lam={lam} with target={target}"
         )
     return float(target), float(m), float(lam)
 
@@ -402,11 +430,28 @@ def layer_outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
     return count / n
 
 
-def owl_layer_sparsity(lod: Sequence[float], sizes: Sequence[int], target: float, lam: float) -> list[float]:
-    """Real per-layer fractions from LODs (fp64, see the module docstring); weighted mean = target."""
+def owl_layer_sparsity(
+    lod: Sequence[float], sizes: Sequence[int], target: float, lam: float, mapping: str = "published"
+) -> list[float]:
+    """Real per-layer fractions from LODs (fp64, see the module docstring); weighted mean = target.
+
+    Args:
+        lod: per-layer outlier ratios. sizes: per-layer weight counts. target: model-wide fraction.
+        lam: OWL lambda. mapping: "published" (r = min-max(LOD) * 2 lam, s = target - (r - mean r))
+            or "rescaled" (deviation scaled to at most lam).
+    """
     lo, hi = min(lod), max(lod)
     if hi == lo or lam == 0:
         return [float(target)] * len(lod)
+    if mapping == "published":
+        # the published operation order: (x - min) * (1 / (max - min) * lambda * 2)
+        r = [(d - lo) * (1.0 / (hi - lo) * lam * 2) for d in lod]
+        rbar = math.fsum(r) / len(r)
+        fr = [target - (x - rbar) for x in r]
+        if len(set(sizes)) > 1:  # unequal layers: centre on the size-weighted mean instead
+            shift = target - math.fsum(f * n for f, n in zip(fr, sizes, strict=True)) / sum(sizes)
+            fr = [f + shift for f in fr]
+        return fr
     u = [(d - lo) / (hi - lo) for d in lod]
     ubar = sum(x * n for x, n in zip(u, sizes, strict=True)) / sum(sizes)
     dev = [x - ubar for x in u]
@@ -421,22 +466,26 @@ def owl_allocation(
     *,
     m: float = 5.0,
     lam: float = 0.08,
+    mapping: str = "published",
 ) -> Allocation:
     """OWL counts from the dense Wanda scores of every tensor.
 
     Args:
         layout: prunable tensors. scores: (layer, name) -> fp32 (rows, cols) scores |W| * ||X_j||.
         target: model-wide fraction; exactly floor(target * N) weights are pruned.
-        m: outlier multiple of the layer mean (OWL default 5). lam: max deviation (OWL default 0.08).
+        m: outlier multiple of the layer mean (OWL default 5). lam: OWL lambda (default 0.08).
+        mapping: "published" (default: the OWL code's / llm-compressor's layer sparsities,
+            ``target - (r_l - mean r)`` with r = LOD min-max scaled to [0, 2 lam]) or "rescaled"
+            (every layer within +-lam). The :class:`Allocation`'s method is "owl" or "owl-rescaled".
     """
-    target, m, lam = check_owl(target, m, lam)
+    target, m, lam = check_owl(target, m, lam, mapping)
     layout = list(layout)
     layers = sorted({t.layer for t in layout})
     lod = [
         layer_outlier_ratio([scores[(t.layer, t.name)] for t in layout if t.layer == i], m) for i in layers
     ]
     lsizes = [sum(t.numel for t in layout if t.layer == i) for i in layers]
-    fr = owl_layer_sparsity(lod, lsizes, target, lam)
+    fr = owl_layer_sparsity(lod, lsizes, target, lam, mapping)
     lcounts = round_counts(fr, lsizes, num_pruned(sum(lsizes), target))
     counts: dict[tuple[int, str], int] = {}
     for i, k in zip(layers, lcounts, strict=True):
@@ -444,11 +493,17 @@ def owl_allocation(
         for t, kt in zip(ts, split_count(k, [t.numel for t in ts]), strict=True):
             counts[(t.layer, t.name)] = kt
     return Allocation(
-        "owl",
+        "owl" if mapping == "published" else f"owl-{mapping}",
         layout,
         counts,
         target,
-        params={"m": m, "lam": lam, "value_name": "LOD", "real_sparsity": dict(zip(layers, fr, strict=True))},
+        params={
+            "m": m,
+            "lam": lam,
+            "mapping": mapping,
+            "value_name": "LOD",
+            "real_sparsity": dict(zip(layers, fr, strict=True)),
+        },
         layer_values=dict(zip(layers, lod, strict=True)),
     )
 
@@ -495,9 +550,14 @@ def owl_from_model(
     m: float = 5.0,
     lam: float = 0.08,
     config: Any = None,
+    mapping: str = "published",
 ) -> Allocation:
-    """OWL allocation of ``model`` from calibration ``batches`` (nsamples, seqlen) int64 (dense pass)."""
-    check_owl(target, m, lam)
+    """OWL allocation of ``model`` from calibration ``batches`` (nsamples, seqlen) int64 (dense pass).
+
+    ``mapping``: "published" (default) or "rescaled", see :func:`owl_allocation`. Apply the plan with
+    ``gradprobe.prune(model, batches, alloc.config())``.
+    """
+    check_owl(target, m, lam, mapping)
     from gradprobe.models import get_adapter
     from gradprobe.ops.reference import score
 
@@ -508,7 +568,7 @@ def owl_from_model(
     for i, layer in enumerate(ad.decoder_layers(model)):
         for name, lin in ad.prunable_linears(layer).items():
             scores[(i, name)] = score(lin.weight.data.cpu(), norms[(i, name)])
-    return owl_allocation(layout, scores, target, m=m, lam=lam)
+    return owl_allocation(layout, scores, target, m=m, lam=lam, mapping=mapping)
 
 
 def report_allocation(report: Any, method: str, target: float | None = None) -> Allocation:
@@ -520,7 +580,7 @@ def report_allocation(report: Any, method: str, target: float | None = None) -> 
 # --------------------------------------------------------------------------------------------------
 # CLI glue (``gradprobe prune --allocation ...``): called from gradprobe/cli.py
 # --------------------------------------------------------------------------------------------------
-ALLOCATIONS = ("uniform", "variant", "owl", "explicit")
+ALLOCATIONS = ("uniform", "variant", "owl", "owl-rescaled", "explicit")
 
 
 def add_cli_args(p: Any) -> None:
@@ -530,8 +590,10 @@ def add_cli_args(p: Any) -> None:
         choices=ALLOCATIONS,
         default="uniform",
         help="how the sparsity budget is spread: uniform (every row the same), variant (Wanda's "
-        "cumulative-score cut, alpha bisected per tensor), owl (outlier-weighted layer ratios, "
-        "exact total), explicit (--layer-sparsity); --scope global is the global threshold",
+        "cumulative-score cut, alpha bisected per tensor), owl (outlier-weighted layer ratios as "
+        "published: target - (r - mean r), r = LOD scaled to [0, 2 lambda]; exact total), owl-rescaled "
+        "(the same ratios scaled to stay within +-lambda), explicit (--layer-sparsity); "
+        "--scope global is the global threshold",
     )
     p.add_argument(
         "--owl-m", type=float, default=5.0, help="OWL outlier multiple of the layer mean (default 5)"
@@ -540,7 +602,8 @@ def add_cli_args(p: Any) -> None:
         "--owl-lambda",
         type=float,
         default=0.08,
-        help="OWL max deviation of a layer's sparsity from the target (default 0.08)",
+        help="OWL lambda (default 0.08): owl moves a layer's sparsity up to 2 lambda from the target, "
+        "owl-rescaled up to lambda",
     )
     p.add_argument(
         "--variant-tol",
@@ -580,10 +643,10 @@ def check_cli_args(args: Any, config: Any) -> None:
     kind = getattr(args, "allocation", "uniform")
     if kind != "uniform" and (config.structure is not None or config.scope != "row"):
         raise ValueError(f"--allocation {kind} needs --scope row and no N:M --structure")
-    if kind == "owl":
+    if kind in ("owl", "owl-rescaled"):
         if config.method != "wanda":
-            raise ValueError("--allocation owl needs --method wanda (outliers of the Wanda scores)")
-        check_owl(config.sparsity, args.owl_m, args.owl_lambda)
+            raise ValueError(f"--allocation {kind} needs --method wanda (outliers of the Wanda scores)")
+        check_owl(config.sparsity, args.owl_m, args.owl_lambda, _owl_mapping(kind))
     if kind == "variant":
         check_tol(args.variant_tol)
     if kind == "explicit":
@@ -592,6 +655,10 @@ def check_cli_args(args: Any, config: Any) -> None:
         parse_layer_sparsity(args.layer_sparsity)
     elif args.layer_sparsity is not None:
         raise ValueError("--layer-sparsity needs --allocation explicit")
+
+
+def _owl_mapping(kind: str) -> str:
+    return "published" if kind == "owl" else kind.removeprefix("owl-")
 
 
 def cli_settings(args: Any) -> dict[str, Any]:
@@ -611,9 +678,15 @@ def config_from_cli(args: Any, config: Any, model: torch.nn.Module, batches: tor
         from gradprobe.variant import VariantMaskFn
 
         return config.replace(mask_fn=VariantMaskFn(args.variant_tol)), None
-    if kind == "owl":
+    if kind in ("owl", "owl-rescaled"):
         alloc = owl_from_model(
-            model, batches, config.sparsity, m=args.owl_m, lam=args.owl_lambda, config=config
+            model,
+            batches,
+            config.sparsity,
+            m=args.owl_m,
+            lam=args.owl_lambda,
+            config=config,
+            mapping=_owl_mapping(kind),
         )
     else:
         target = config.sparsity if args.sparsity is not None else None

@@ -6,6 +6,7 @@ import json
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import prune_argv, random_batches, save_tiny_checkpoint, tiny_llama
@@ -58,8 +59,19 @@ def sort_round(fractions, sizes, total):
     return k
 
 
-def owl_oracle(scores_by_layer, sizes, target, m, lam):
+def published_owl_fractions(lod, target, lam):
+    """The OWL code's mapping (luuyin/OWL lib/prune_all.py, llm-compressor), re-implemented with numpy."""
+    r = np.array(lod, dtype=np.float64)
+    r = (r - r.min()) * (1 / (r.max() - r.min()) * lam * 2)
+    density = r - np.mean(r) + (1 - target)
+    return (1 - density).tolist()
+
+
+def owl_oracle(scores_by_layer, sizes, target, m, lam, mapping="rescaled"):
     lod = [sort_lod(s, m) for s in scores_by_layer]
+    if mapping == "published":
+        fr = published_owl_fractions(lod, target, lam)
+        return lod, fr, sort_round(fr, sizes, math.floor(target * sum(sizes)))
     lo, hi = min(lod), max(lod)
     u = [(d - lo) / (hi - lo) for d in lod]
     ubar = sum(x * n for x, n in zip(u, sizes, strict=True)) / sum(sizes)
@@ -109,20 +121,70 @@ def test_prune_rows_equals_sort(model_and_batches):
         prune_rows_(w.clone(), 7 * 33 + 1)
 
 
-@pytest.mark.parametrize("target", [0.5, 0.7])
-def test_owl_equals_sort_oracle_and_hits_budget_exactly(model_and_batches, target):
-    model, batches = model_and_batches
-    m, lam = 5.0, 0.08
-    alloc = owl_from_model(model, batches, target, m=m, lam=lam)
-    norms = dense_norms(model, batches)
-    layout = model_layout(model)
-    layers = sorted({t.layer for t in layout})
+def _tiny_scores(model, norms):
     ad = gradprobe.models.get_adapter(model)
     scores_by_layer, sizes = [], []
     for i, layer in enumerate(ad.decoder_layers(model)):
         lins = ad.prunable_linears(layer)
         scores_by_layer.append([lin.weight.abs().float() * norms[(i, n)] for n, lin in lins.items()])
         sizes.append(sum(lin.weight.numel() for lin in lins.values()))
+    return scores_by_layer, sizes
+
+
+@pytest.mark.parametrize("target", [0.5, 0.7])
+def test_owl_default_is_the_published_mapping_with_exact_budget(model_and_batches, target):
+    model, batches = model_and_batches
+    m, lam = 5.0, 0.08
+    alloc = owl_from_model(model, batches, target, m=m, lam=lam)
+    assert alloc.method == "owl" and alloc.params["mapping"] == "published"
+    scores_by_layer, sizes = _tiny_scores(model, dense_norms(model, batches))
+    lod, fr, lcounts = owl_oracle(scores_by_layer, sizes, target, m, lam, mapping="published")
+    layers = sorted(alloc.layer_counts())
+    assert [alloc.layer_values[i] for i in layers] == lod
+    assert len(set(lod)) > 1
+    real = [alloc.params["real_sparsity"][i] for i in layers]
+    assert real == pytest.approx(fr, abs=1e-12)  # the published layer sparsities
+    assert [alloc.layer_counts()[i] for i in layers] == lcounts
+    assert all(abs(k - f * n) < 1 for k, f, n in zip(lcounts, fr, sizes, strict=True))
+    assert alloc.pruned == math.floor(target * sum(sizes))  # exact budget, in weights
+    # the published map spans 2 lambda: the layer with most outliers sits 2 lambda below the one with fewest
+    assert max(fr) - min(fr) == pytest.approx(2 * lam)
+    order = sorted(range(len(lod)), key=lambda i: lod[i])
+    assert [fr[i] for i in order] == sorted(fr, reverse=True)
+    # differs from the rescaled mapping (the old default)
+    old = owl_allocation(
+        model_layout(model),
+        {(t.layer, t.name): s for t, s in zip(model_layout(model), sum(scores_by_layer, []), strict=True)},
+        target,
+        m=m,
+        lam=lam,
+        mapping="rescaled",
+    )
+    assert old.method == "owl-rescaled" and old.pruned == alloc.pruned and old.counts != alloc.counts
+
+
+def test_owl_published_unequal_layers_centre_on_weighted_mean():
+    layout = [TensorSpec(0, "mlp.up_proj", 8, 8), TensorSpec(1, "mlp.up_proj", 16, 8), TensorSpec(2, "mlp.up_proj", 8, 4)]
+    g = torch.Generator().manual_seed(3)
+    scores = {(t.layer, t.name): torch.rand(t.rows, t.cols, generator=g) ** (3 + t.layer) for t in layout}
+    alloc = owl_allocation(layout, scores, 0.5, m=2.0, lam=0.1)
+    lod = [alloc.layer_values[i] for i in range(3)]
+    sizes = [t.numel for t in layout]
+    pub = published_owl_fractions(lod, 0.5, 0.1)
+    shift = 0.5 - sum(f * n for f, n in zip(pub, sizes, strict=True)) / sum(sizes)
+    real = [alloc.params["real_sparsity"][i] for i in range(3)]
+    assert real == pytest.approx([f + shift for f in pub], abs=1e-12)  # one common shift of the published values
+    assert alloc.pruned == math.floor(0.5 * sum(sizes))
+    assert [alloc.layer_counts()[i] for i in range(3)] == sort_round(real, sizes, alloc.pruned)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.7])
+def test_owl_rescaled_equals_sort_oracle_and_hits_budget_exactly(model_and_batches, target):
+    model, batches = model_and_batches
+    m, lam = 5.0, 0.08
+    alloc = owl_from_model(model, batches, target, m=m, lam=lam, mapping="rescaled")
+    layers = sorted({t.layer for t in model_layout(model)})
+    scores_by_layer, sizes = _tiny_scores(model, dense_norms(model, batches))
     lod, fr, lcounts = owl_oracle(scores_by_layer, sizes, target, m, lam)
     assert [alloc.layer_values[i] for i in layers] == lod
     assert len(set(lod)) > 1  # the random model has distinct outlier ratios: a real test of the map
@@ -170,12 +232,17 @@ def test_owl_driver_run_prunes_the_plan(model_and_batches, tmp_path):
         (0.5, 0.0, 0.08, "m must be > 0"),
         (1.0, 5.0, 0.08, "target"),
         (0.5, float("nan"), 0.08, "m must be"),
+        (0.3, 5.0, 0.2, "2 lam"),
     ],
 )
 def test_owl_bad_inputs_raise(target, m, lam, match):
     layout = [TensorSpec(0, "mlp.up_proj", 4, 4)]
     with pytest.raises(ValueError, match=match):
         owl_allocation(layout, {(0, "mlp.up_proj"): torch.rand(4, 4)}, target, m=m, lam=lam)
+    with pytest.raises(ValueError, match="mapping"):
+        owl_allocation(layout, {(0, "mlp.up_proj"): torch.rand(4, 4)}, 0.5, mapping="owl")
+    # the rescaled mapping moves a layer by at most lam: 0.3 +- 0.2 is allowed there
+    owl_allocation(layout, {(0, "mlp.up_proj"): torch.rand(4, 4)}, 0.3, lam=0.2, mapping="rescaled")
 
 
 LAYOUT = [
@@ -249,6 +316,7 @@ def _cli(model_dir, text, out, *extra):
     "extra,budget",
     [
         (["--allocation", "owl", "--sparsity", "0.6", "--owl-lambda", "0.1"], 0.6),
+        (["--allocation", "owl-rescaled", "--sparsity", "0.6", "--owl-lambda", "0.1"], 0.6),
         (["--allocation", "variant", "--sparsity", "0.6"], None),
         (["--allocation", "explicit", "--layer-sparsity", "attn=0.3,mlp=0.7"], None),
         (["--allocation", "explicit", "--layer-sparsity", "0.4,0.5,0.6", "--sparsity", "0.5"], 0.5),
