@@ -19,6 +19,21 @@ def _check_format(format: str) -> None:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
 
 
+def _check_same_device(tensors: dict[str, torch.Tensor]) -> None:
+    """All named tensors on one device (a meta tensor beside a real one would yield uninitialised output)."""
+    first, *rest = tensors.items()
+    for name, t in rest:
+        if t.device != first[1].device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first[0]} is on {first[1].device}; move both to one device"
+            )
+
+
+def _check_tensor(value, name: str, what: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor ({what}), got {type(value).__name__}")
+
+
 def pack_24(weight: torch.Tensor, format: str = "cutlass", *, scores: torch.Tensor | None = None) -> tuple:
     """Pack a 2:4-sparse weight (or a dense one plus scores) into a storage layout.
 
@@ -47,12 +62,27 @@ def pack_24(weight: torch.Tensor, format: str = "cutlass", *, scores: torch.Tens
         raise TypeError(f"weight must be a torch.Tensor of shape (rows, cols), got {type(weight).__name__}")
     if scores is not None and not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a float32 tensor of weight's shape or None, got {type(scores).__name__}")
+    if scores is not None:
+        _check_same_device({"weight": weight, "scores": scores})
     w = weight.contiguous()
     s = None if scores is None else scores.contiguous()
     if format == "cutlass":
         return tuple(torch.ops.gradprobe.pack_24_cutlass(w, s))
     values, bitmask = torch.ops.gradprobe.pack_24_bitmask(w, s)
     return values, bitmask, [int(w.shape[0]), int(w.shape[1])]
+
+
+def _check_shape(shape) -> list[int]:
+    """``[rows, cols]`` as a list, tuple, torch.Size or integer tensor -> list of two ints."""
+    if isinstance(shape, torch.Tensor):
+        if shape.dtype.is_floating_point or shape.dtype.is_complex or shape.device.type == "meta":
+            raise TypeError(f"shape must be [rows, cols] of ints, got a {shape.dtype} tensor on {shape.device}")
+        shape = shape.flatten().tolist()
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (list, tuple)):
+        raise TypeError(f"shape must be [rows, cols] (a list of two ints, as pack_24 returns), got {shape!r}")
+    if any(isinstance(x, bool) or not hasattr(type(x), "__index__") for x in shape):
+        raise TypeError(f"shape must be [rows, cols] of ints, got {shape!r}")
+    return [int(x) for x in shape]
 
 
 def unpack_24(*parts, format: str | None = None) -> torch.Tensor:
@@ -79,11 +109,17 @@ def unpack_24(*parts, format: str | None = None) -> torch.Tensor:
         if len(parts) != 2:
             raise ValueError(f'unpack_24(format="cutlass") takes (packed, meta), got {len(parts)} arguments')
         packed, meta = parts
+        _check_tensor(packed, "packed", "pack_24's first output, (rows, cols/2)")
+        _check_tensor(meta, "meta", "pack_24's int16 metadata")
+        _check_same_device({"packed": packed, "meta": meta})
         return torch.ops.gradprobe.unpack_24_cutlass(packed, meta)
     if len(parts) != 3:
         raise ValueError(f'unpack_24(format="bitmask") takes (values, bitmask, shape), got {len(parts)} arguments')
     values, bitmask, shape = parts
-    shape = [int(x) for x in (shape.flatten().tolist() if isinstance(shape, torch.Tensor) else shape)]
+    _check_tensor(values, "values", "pack_24's kept values, (rows, cols/2)")
+    _check_tensor(bitmask, "bitmask", "pack_24's uint8 bitmask, (rows, ceil(cols/8))")
+    _check_same_device({"values": values, "bitmask": bitmask})
+    shape = _check_shape(shape)
     if len(shape) != 2 or values.dim() != 2 or shape[0] != values.shape[0]:
         raise ValueError(
             f"unpack_24(bitmask): shape must be [rows, cols] with rows = values.shape[0] = "
