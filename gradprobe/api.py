@@ -61,7 +61,7 @@ def prune(
 
     get_adapter(model)  # unknown family -> ValueError before anything else
     batches = tokenizer_or_batches
-    if config.method == "wanda" and batches is not None and not isinstance(batches, torch.Tensor):
+    if config.needs_calibration and batches is not None and not isinstance(batches, torch.Tensor):
         from gradprobe.data import calibration_batches
 
         batches = calibration_batches(

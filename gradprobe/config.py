@@ -9,7 +9,8 @@ from typing import Any, Protocol
 
 import torch
 
-METHODS = ("wanda", "magnitude")
+METHODS = ("wanda", "magnitude", "sparsegpt")
+CALIBRATED_METHODS = ("wanda", "sparsegpt")  # methods that need calibration activations
 SCOPES = ("row", "layer", "global")
 
 
@@ -70,7 +71,9 @@ class PruneConfig:
     """Configuration of :func:`gradprobe.prune`.
 
     Attributes:
-        method: "wanda" (score |W| * ||X_j||_2 from calibration activations) or "magnitude" (|W|).
+        method: "wanda" (score |W| * ||X_j||_2 from calibration activations), "magnitude" (|W|) or
+            "sparsegpt" (OBS updates from the calibration Hessian, :mod:`gradprobe.sparsegpt`;
+            scopes "row" / "layer" and N:M; blocksize / percdamp via its ``SparseGPTMaskFn``).
         sparsity: fraction in [0, 1) for every tensor; or a per-decoder-layer sequence (one float
             per layer); or a mapping layer index -> float (layers not listed stay dense). Under an
             N:M ``structure`` it must be N/M or None. Stored normalised: float, tuple, or dict.
@@ -111,6 +114,11 @@ class PruneConfig:
             raise ValueError(f"PruneConfig.method must be one of {METHODS}, got {self.method!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"PruneConfig.scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.method == "sparsegpt" and self.scope == "global":
+            raise ValueError(
+                'PruneConfig.scope="global" is not defined for method="sparsegpt" (its weight updates '
+                'run one linear at a time); use scope="row" or "layer"'
+            )
         nm = parse_structure(self.structure)
         set_("structure", None if nm is None else f"{nm[0]}:{nm[1]}")
         s = self.sparsity
@@ -172,6 +180,11 @@ class PruneConfig:
             fn = getattr(self, name)
             if fn is not None and not callable(fn):
                 raise TypeError(f"PruneConfig.{name} must be callable or None, got {type(fn).__name__}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True for methods that read calibration activations (Wanda, SparseGPT)."""
+        return self.method in CALIBRATED_METHODS
 
     @property
     def nm(self) -> tuple[int, int] | None:

@@ -4,10 +4,15 @@ For a linear ``y = x W^T`` with input ``x`` of shape (..., in_features) the Wand
 per-column sum of squares over all calibration tokens, ``sumsq[j] = sum_t x[t, j]^2`` (float32), and
 its norm ``||X_j||_2 = sqrt(sumsq[j])``. Linears fed the same tensor (q/k/v, gate/up) share one
 computation.
+
+With ``LayerStats(..., hessian=True)`` the hooks also accumulate SparseGPT's layer Hessian
+``H = 2/N sum_t x_t x_t^T`` (:class:`HessianStats`, in_features^2 fp32, N = calibration windows seen),
+one per distinct input tensor: linears fed the same tensor share one Hessian object.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -20,12 +25,39 @@ def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
     return (xf * xf).sum(dim=0)
 
 
+class HessianStats:
+    """Running SparseGPT Hessian of one linear's input: ``H = 2/N sum_t x_t x_t^T``, (in, in) fp32.
+
+    ``N`` counts calibration windows (leading dims of x except the token dim), as the published
+    ``SparseGPT.add_batch``: per batch of ``n`` windows, ``H *= N / (N + n)``, ``N += n``, then
+    ``H += (sqrt(2/N) x)^T (sqrt(2/N) x)`` over the batch's tokens, in fp32.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str):
+        self.H = torch.zeros((in_features, in_features), dtype=torch.float32, device=device)
+        self.nsamples = 0
+        self.cache: dict = {}  # derived factors keyed by their settings (see gradprobe.sparsegpt)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate x (..., in_features), any float dtype."""
+        n = math.prod(x.shape[:-2]) if x.dim() >= 3 else 1
+        self.H *= self.nsamples / (self.nsamples + n)
+        self.nsamples += n
+        xs = math.sqrt(2 / self.nsamples) * x.reshape(-1, x.shape[-1]).t().float()  # (in, tokens)
+        self.H += xs.matmul(xs.t())
+        self.cache.clear()
+
+
 class ChannelStats:
-    """Running fp32 sum of squares (in_features,) and token count for one linear's input."""
+    """Running fp32 sum of squares (in_features,) and token count for one linear's input.
+
+    ``hessian``: the input's :class:`HessianStats` when the collector was asked for it, else None.
+    """
 
     def __init__(self, in_features: int, device: torch.device | str):
         self.sumsq = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.tokens = 0
+        self.hessian: HessianStats | None = None
 
     def add(self, x: torch.Tensor, sq: torch.Tensor | None = None) -> None:
         """Accumulate x (..., in_features); ``sq`` = precomputed :func:`sum_of_squares` (x)."""
@@ -45,25 +77,37 @@ class LayerStats:
         with LayerStats(adapter.prunable_linears(layer)) as st:
             layer(x, **kwargs)
         norms = st.norms()   # {name: (in_features,) float32}
+
+    ``hessian=True`` also fills ``st.stats[name].hessian`` (:class:`HessianStats`, shared by the
+    linears that read the same input tensor, allocated when its first input arrives).
     """
 
-    def __init__(self, linears: Mapping[str, nn.Linear]):
+    def __init__(self, linears: Mapping[str, nn.Linear], *, hessian: bool = False):
         self.linears = dict(linears)
         self.stats: dict[str, ChannelStats] = {
             name: ChannelStats(lin.in_features, lin.weight.device) for name, lin in self.linears.items()
         }
+        self.hessian = hessian
         self._handles: list = []
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last: tuple[torch.Tensor, torch.Tensor, str] | None = None
 
     def _hook(self, name: str):
         def hook(_module, args, kwargs=None):
             x = args[0] if args else kwargs["input"]
             if self._last is not None and self._last[0] is x:
-                sq = self._last[1]
+                sq, owner = self._last[1], self._last[2]
             else:
-                sq = sum_of_squares(x)
-                self._last = (x, sq)
-            self.stats[name].add(x, sq)
+                sq, owner = sum_of_squares(x), name
+                self._last = (x, sq, name)
+            st = self.stats[name]
+            st.add(x, sq)
+            if self.hessian:
+                if owner == name:  # the first linear reading x accumulates its Hessian
+                    if st.hessian is None:
+                        st.hessian = HessianStats(x.shape[-1], x.device)
+                    st.hessian.add(x)
+                elif st.hessian is None:  # same input as ``owner``: same Hessian, shared
+                    st.hessian = self.stats[owner].hessian
 
         return hook
 

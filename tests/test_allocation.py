@@ -164,7 +164,7 @@ def test_owl_default_is_the_published_mapping_with_exact_budget(model_and_batche
 
 
 def test_owl_published_unequal_layers_centre_on_weighted_mean():
-    layout = [TensorSpec(0, "mlp.up_proj", 8, 8), TensorSpec(1, "mlp.up_proj", 16, 8), TensorSpec(2, "mlp.up_proj", 8, 4)]
+    layout = [TensorSpec(i, "mlp.up_proj", r, c) for i, (r, c) in enumerate([(8, 8), (16, 8), (8, 4)])]
     g = torch.Generator().manual_seed(3)
     scores = {(t.layer, t.name): torch.rand(t.rows, t.cols, generator=g) ** (3 + t.layer) for t in layout}
     alloc = owl_allocation(layout, scores, 0.5, m=2.0, lam=0.1)
@@ -173,7 +173,8 @@ def test_owl_published_unequal_layers_centre_on_weighted_mean():
     pub = published_owl_fractions(lod, 0.5, 0.1)
     shift = 0.5 - sum(f * n for f, n in zip(pub, sizes, strict=True)) / sum(sizes)
     real = [alloc.params["real_sparsity"][i] for i in range(3)]
-    assert real == pytest.approx([f + shift for f in pub], abs=1e-12)  # one common shift of the published values
+    # one common shift of the published values
+    assert real == pytest.approx([f + shift for f in pub], abs=1e-12)
     assert alloc.pruned == math.floor(0.5 * sum(sizes))
     assert [alloc.layer_counts()[i] for i in range(3)] == sort_round(real, sizes, alloc.pruned)
 
