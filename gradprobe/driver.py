@@ -104,12 +104,18 @@ def check_batches(batches: Any, vocab_size: int | None) -> torch.Tensor:
         raise ValueError(
             f"calibration batches are empty (shape {tuple(batches.shape)}); give at least one window of >= 1 token"
         )
-    lo, hi = int(batches.min()), int(batches.max())
-    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
-        raise ValueError(
-            f"calibration token ids must be in [0, vocab_size={vocab_size}), got range [{lo}, {hi}]"
-        )
+    check_token_ids(batches, vocab_size, "calibration token ids")
     return batches.to(torch.int64)
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int | None, name: str = "token ids") -> None:
+    """ValueError naming ``name`` unless every id of the integer tensor ``ids`` is in [0, vocab_size)
+    (an out-of-range id would otherwise surface as a bare IndexError inside the embedding)."""
+    if ids.numel() == 0 or ids.device.type == "meta":
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+        raise ValueError(f"{name} must be in [0, vocab_size={vocab_size}), got range [{lo}, {hi}]")
 
 
 @torch.no_grad()
@@ -359,20 +365,15 @@ class LayerwisePruner:
                     )
         if config.scope == "global" and config.mask_fn is not None:
             raise ValueError("PruneConfig.mask_fn is per tensor and cannot be combined with scope='global'")
-        self.wanda = config.needs_calibration
+        self.wanda = config.method == "wanda"
         if self.wanda:
             if batches is None:
                 raise ValueError(
-                    f"method={config.method!r} needs calibration batches (int64 (nsamples, seqlen)) or a tokenizer"
+                    "method='wanda' needs calibration batches (int64 (nsamples, seqlen)) or a tokenizer"
                 )
             batches = check_batches(batches, getattr(model.config, "vocab_size", None))
         self.batches = batches if self.wanda else None
         self.mask_fn = config.mask_fn or default_mask_fn
-        self.hessian = config.method == "sparsegpt"
-        if self.hessian and config.mask_fn is None:
-            from gradprobe.sparsegpt import SparseGPTMaskFn
-
-            self.mask_fn = SparseGPTMaskFn()
         self.resume = None
         if resume_dir is not None:
             identity = {
@@ -444,15 +445,8 @@ class LayerwisePruner:
         orig = next(fnorm.parameters()).device
         fnorm.to(hidden.device)
         st = ChannelStats(hidden.shape[-1], hidden.device)
-        if self.hessian:
-            from gradprobe.stats import HessianStats
-
-            st.hessian = HessianStats(hidden.shape[-1], hidden.device)
         for b0 in range(0, hidden.shape[0], calib.batch_size):
-            x = fnorm(hidden[b0 : b0 + calib.batch_size])
-            st.add(x)
-            if st.hessian is not None:
-                st.hessian.add(x)
+            st.add(fnorm(hidden[b0 : b0 + calib.batch_size]))
         fnorm.to(orig)
         return {LM_HEAD: st}
 
@@ -508,7 +502,7 @@ class LayerwisePruner:
             else:
                 norms = stats = None
                 if calib is not None:
-                    with LayerStats(self.groups[i], hessian=self.hessian) as st:
+                    with LayerStats(self.groups[i]) as st:
                         calib.run_layer(layer, i, inps, None)
                     norms, stats = st.norms(), st.stats
                 layer_rows = self._prune_group(i, norms, stats)

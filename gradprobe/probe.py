@@ -252,6 +252,19 @@ def _check_batches(batches: Any) -> list[torch.Tensor]:
     return out
 
 
+def _check_norms(norms: Mapping[str, torch.Tensor] | None, targets: Sequence[_Target]) -> None:
+    """Every probed weight's norm: a finite, >= 0 float tensor of shape (in_features,); the error names the key."""
+    if norms is None:
+        return
+    from gradprobe.select import check_norm
+
+    for t in targets:
+        n = norms[t.name]
+        if not n.dtype.is_floating_point:
+            raise TypeError(f"norms[{t.name!r}] must be a float32 tensor (activation norms), got {n.dtype}")
+        check_norm(n.detach().to(device=t.param.device, dtype=torch.float32), t.param, f"norms[{t.name!r}]", t.name)
+
+
 def _check_args(sparsity, method, scope, mode, order, reduction_factor, gradient_threshold, structure, loss, norms):
     if structure not in (None, "unstructured"):
         raise ValueError(
@@ -345,6 +358,8 @@ class _Runner:
         self.loss = loss if loss is not None else _default_loss(model)
         self._kwargs: dict[tuple, dict] = {}
         self.passes = 0
+        self.progress = False  # a bar per gradient pass (model mode: the only long loop)
+        self.changed: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (param, candidates, originals)
 
     def layer_kwargs(self, j: int, hidden: torch.Tensor) -> dict:
         key = (j, tuple(hidden.shape), hidden.dtype)
@@ -384,7 +399,10 @@ class _Runner:
 
         handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
         try:
-            for i in range(len(self.batches)):
+            from tqdm.auto import tqdm
+
+            desc = "probe G0" if self.passes % 2 == 0 else "probe G1"
+            for i in tqdm(range(len(self.batches)), desc=desc, unit="batch", disable=not self.progress):
                 with torch.enable_grad():
                     loss = loss_of_batch(i)
                     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
@@ -432,6 +450,7 @@ def _probe_group(runner: _Runner, targets: Sequence[_Target], loss_of_batch, can
             for p, m in zip(params, masks, strict=True):
                 b = p.data[m]  # the only copy the probe keeps: original candidate values
                 backups.append(b)
+                runner.changed.append((p, m, b))  # before the write: an error inside it is undone too
                 p.data.masked_scatter_(m, b * r)
             g0c = [g[m].to(torch.float32) for g, m in zip(g0, masks, strict=True)]
             del g0
@@ -470,6 +489,11 @@ def probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spar
         missing = [t.name for t in all_targets if t.name not in norms]
         if missing:
             raise ValueError(f"norms has no entry for {missing[:3]} (and {max(0, len(missing) - 3)} more); give one per probed weight")
+    _check_norms(norms, all_targets)
+    from gradprobe.driver import check_token_ids
+
+    for i, b in enumerate(batch_list):
+        check_token_ids(b, getattr(model.config, "vocab_size", None), f"batches[{i}]")
     n_max = max(t.param.numel() for t in all_targets)
     device = all_targets[0].param.device
     batch_list = [b.to(device=device, dtype=torch.int64) for b in batch_list]
@@ -482,6 +506,7 @@ def probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spar
     if use_cache is not None:
         model.config.use_cache = False
     runner = _Runner(model, adapter, batch_list, a["loss"])
+    runner.progress = bool(a["progress"]) and mode == "model"
     tensors: dict[str, TensorProbe] = {}
     try:
         for p in model.parameters():
@@ -504,6 +529,9 @@ def probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spar
         else:
             tensors = _probe_layerwise(runner, groups, batch_list, sparsity, method, scope, order, norms, r, threshold,
                                        n_max, a["progress"])
+    except BaseException:  # any error or interrupt: the model gets back every value the run changed
+        _undo(runner)
+        raise
     finally:
         for p in model.parameters():
             p.requires_grad_(grad_flags[id(p)])
@@ -537,6 +565,14 @@ def _capture_inputs(runner: _Runner, batch_list, layer_ids: set[int], collect_no
             h.remove()
         norms = collector.remove() if collector is not None else {}
     return store, norms
+
+
+def _undo(runner: _Runner) -> None:
+    """Put every candidate the run changed back to its original value (newest first)."""
+    with torch.no_grad():
+        for p, m, b in reversed(runner.changed):
+            p.data.masked_scatter_(m, b)
+    runner.changed.clear()
 
 
 def _probe_layerwise(runner, groups, batch_list, sparsity, method, scope, order, norms, r, threshold, n_max, progress):
@@ -649,4 +685,8 @@ def _probe_arguments(model, batches, sparsity, options: Mapping[str, Any]) -> di
         a["sparsity"], a["method"], a["scope"], a["mode"], a["order"], a["reduction_factor"], a["gradient_threshold"],
         a["structure"], a["loss"], a["norms"])
     a["batches"] = _check_batches(batches)
+    if a["norms"] is not None:
+        for k, v in a["norms"].items():
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"norms[{k!r}] must be a (in_features,) float32 tensor, got {type(v).__name__}")
     return a
