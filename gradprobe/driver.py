@@ -365,15 +365,20 @@ class LayerwisePruner:
                     )
         if config.scope == "global" and config.mask_fn is not None:
             raise ValueError("PruneConfig.mask_fn is per tensor and cannot be combined with scope='global'")
-        self.wanda = config.method == "wanda"
+        self.wanda = config.needs_calibration
         if self.wanda:
             if batches is None:
                 raise ValueError(
-                    "method='wanda' needs calibration batches (int64 (nsamples, seqlen)) or a tokenizer"
+                    f"method={config.method!r} needs calibration batches (int64 (nsamples, seqlen)) or a tokenizer"
                 )
             batches = check_batches(batches, getattr(model.config, "vocab_size", None))
         self.batches = batches if self.wanda else None
         self.mask_fn = config.mask_fn or default_mask_fn
+        self.hessian = config.method == "sparsegpt"
+        if self.hessian and config.mask_fn is None:
+            from gradprobe.sparsegpt import SparseGPTMaskFn
+
+            self.mask_fn = SparseGPTMaskFn()
         self.resume = None
         if resume_dir is not None:
             identity = {
@@ -445,8 +450,15 @@ class LayerwisePruner:
         orig = next(fnorm.parameters()).device
         fnorm.to(hidden.device)
         st = ChannelStats(hidden.shape[-1], hidden.device)
+        if self.hessian:
+            from gradprobe.stats import HessianStats
+
+            st.hessian = HessianStats(hidden.shape[-1], hidden.device)
         for b0 in range(0, hidden.shape[0], calib.batch_size):
-            st.add(fnorm(hidden[b0 : b0 + calib.batch_size]))
+            x = fnorm(hidden[b0 : b0 + calib.batch_size])
+            st.add(x)
+            if st.hessian is not None:
+                st.hessian.add(x)
         fnorm.to(orig)
         return {LM_HEAD: st}
 
@@ -502,7 +514,7 @@ class LayerwisePruner:
             else:
                 norms = stats = None
                 if calib is not None:
-                    with LayerStats(self.groups[i]) as st:
+                    with LayerStats(self.groups[i], hessian=self.hessian) as st:
                         calib.run_layer(layer, i, inps, None)
                     norms, stats = st.norms(), st.stats
                 layer_rows = self._prune_group(i, norms, stats)
