@@ -641,6 +641,8 @@ def check_cli_args(args: Any, config: Any) -> None:
     from gradprobe.variant import check_tol
 
     kind = getattr(args, "allocation", "uniform")
+    if kind != "uniform" and config.method == "sparsegpt":
+        raise ValueError(f"--allocation {kind} prunes by Wanda scores; use --allocation uniform with --method sparsegpt")
     if kind != "uniform" and (config.structure is not None or config.scope != "row"):
         raise ValueError(f"--allocation {kind} needs --scope row and no N:M --structure")
     if kind in ("owl", "owl-rescaled"):

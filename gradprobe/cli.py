@@ -132,6 +132,8 @@ def _check_probe_args(args) -> None:
         return
     if args.structure != "unstructured":
         raise UsageError(f"--probe cannot be combined with --structure {args.structure}: restoring a candidate breaks the N:M pattern")
+    if args.method == "sparsegpt":
+        raise UsageError("--probe filters Wanda or magnitude candidates; use --method wanda or magnitude")
     if getattr(args, "allocation", "uniform") != "uniform":
         raise UsageError(f"--probe cannot be combined with --allocation {args.allocation}; use uniform")
     if not 0.0 < args.reduction_factor < 1.0:
@@ -174,7 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prune the decoder linear layers of a causal LM (Wanda or magnitude) and save it.",
     )
     _add_model_args(p)
-    p.add_argument("--method", choices=["wanda", "magnitude"], default="wanda")
+    p.add_argument(
+        "--method",
+        choices=["wanda", "magnitude", "sparsegpt"],
+        default="wanda",
+        help="wanda (|W| * ||X_j||), magnitude (|W|) or sparsegpt (OBS weight updates from the calibration "
+        "Hessian; --scope row or layer, or --structure N:M)",
+    )
     p.add_argument(
         "--sparsity",
         type=_fraction,
@@ -412,7 +420,7 @@ def cmd_prune(args) -> int:
         raise UsageError(f"--model: {exc}") from None
     batches = None
     calib_line = "calibration: none (magnitude pruning uses no activations)"
-    if config.method == "wanda" or args.probe:  # the probe needs batches for its gradients
+    if config.needs_calibration or args.probe:  # the probe needs batches for its gradients
         try:
             batches = data.calibration_batches(
                 tokenizer, args.calib, nsamples=sizes["nsamples"], seqlen=sizes["seqlen"], seed=args.seed

@@ -7,12 +7,13 @@ sort (ties -> lower index) instead of ``sort(...)[int(numel * s)]`` / ``topk``.
 
 from __future__ import annotations
 
+import json
 import math
 from fractions import Fraction
 
 import pytest
 import torch
-from tiny_models import random_batches, tiny_llama
+from tiny_models import prune_argv, random_batches, save_tiny_checkpoint, tiny_llama
 
 import gradprobe
 from gradprobe.driver import capture_calibration
@@ -322,3 +323,37 @@ def test_config_rejects_global_scope_and_needs_batches():
     model = tiny_llama(num_layers=1, hidden=32, intermediate=48, seed=0)
     with pytest.raises(ValueError, match="method='sparsegpt' needs calibration batches"):
         gradprobe.prune(model, None, method="sparsegpt", progress=False)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_workspace(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("sgpt_cli"), num_layers=1)
+
+
+def test_cli_method_sparsegpt_2of4(cli_workspace, tmp_path):
+    from gradprobe import cli
+
+    model_dir, text = cli_workspace
+    out = tmp_path / "out"
+    assert cli.main(prune_argv(model_dir, text, out, "--no-eval", "--method", "sparsegpt", "--structure", "2:4")) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["totals"]["pruned"] * 2 == report["totals"]["params"]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--scope", "global"], 'scope="global" is not defined for method="sparsegpt"'),
+        (["--probe"], "--probe filters Wanda or magnitude"),
+        (["--allocation", "owl"], "use --allocation uniform with --method sparsegpt"),
+    ],
+)
+def test_cli_bad_sparsegpt_args_exit_2(cli_workspace, tmp_path, capsys, extra, message):
+    from gradprobe import cli
+
+    model_dir, text = cli_workspace
+    out = tmp_path / "out"
+    assert cli.main(prune_argv(model_dir, text, out, "--no-eval", "--method", "sparsegpt", *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
