@@ -9,6 +9,8 @@ with the rotary ``(cos, sin)`` computed once by ``model.model.rotary_emb`` and r
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -87,12 +89,15 @@ class ModelAdapter:
         position_ids: torch.Tensor,
     ) -> Any:
         """The mask object layer ``layer_idx`` takes, built as the model's own forward builds it."""
-        return self.mask_builder(model, layer_idx)(
+        build = self.mask_builder(model, layer_idx)
+        # no KV cache; newer transformers name that argument ``cache`` (``past_key_values`` is deprecated)
+        no_cache = {_cache_kwarg(build): None}
+        return build(
             config=model.config,
             inputs_embeds=hidden,
             attention_mask=attention_mask,
-            past_key_values=None,
             position_ids=position_ids,
+            **no_cache,
         )
 
     def mask_builder(self, model: nn.Module, layer_idx: int) -> Any:
@@ -146,3 +151,9 @@ class ModelAdapter:
     def layer_output(out: Any) -> torch.Tensor:
         """The hidden states a decoder layer returned (a tensor in transformers 5, a tuple in 4.x)."""
         return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@functools.cache
+def _cache_kwarg(factory: Any) -> str:
+    """``"cache"`` if the transformers mask factory takes it, else the older ``"past_key_values"``."""
+    return "cache" if "cache" in inspect.signature(factory).parameters else "past_key_values"
