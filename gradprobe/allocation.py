@@ -205,12 +205,23 @@ class Allocation:
     def mask_fn(
         self, weight: torch.Tensor, norm: torch.Tensor | None, sparsity: float | None, ctx: Any
     ) -> torch.Tensor:
-        """Prune exactly counts[(layer, name)] weights of ``weight`` (out, in) in place, per row."""
+        """Prune exactly counts[(layer, name)] weights of ``weight`` (out, in) in place, per row.
+
+        Wanda / magnitude: the smallest scores of each row. ``method="sparsegpt"``: SparseGPT with the
+        same per-row counts (:func:`gradprobe.sparsegpt.sparsegpt_prune_` with ``k``).
+        """
         k = self.counts[(ctx.layer_idx, ctx.name)]
+        if ctx.config.method == "sparsegpt":
+            from gradprobe.sparsegpt import SparseGPTMaskFn
+
+            return SparseGPTMaskFn()(weight, norm, None, ctx, k=k)
         return prune_rows_(weight, k, norm=norm)
 
     def config(self, **overrides: Any):
-        """A :class:`gradprobe.PruneConfig` applying this plan (scope "row", unstructured)."""
+        """A :class:`gradprobe.PruneConfig` applying this plan (scope "row", unstructured).
+
+        ``alloc.config(method="sparsegpt")`` prunes the planned counts with SparseGPT (OWL + SparseGPT).
+        """
         from gradprobe.config import PruneConfig
 
         base = dict(sparsity=self.sparsity, sparsity_fn=self.sparsity_fn, mask_fn=self.mask_fn, scope="row")
@@ -641,13 +652,16 @@ def check_cli_args(args: Any, config: Any) -> None:
     from gradprobe.variant import check_tol
 
     kind = getattr(args, "allocation", "uniform")
-    if kind != "uniform" and config.method == "sparsegpt":
-        raise ValueError(f"--allocation {kind} prunes by Wanda scores; use --allocation uniform with --method sparsegpt")
+    if kind == "variant" and config.method == "sparsegpt":
+        raise ValueError("--allocation variant is Wanda's cumulative-score cut; use --method wanda with it")
     if kind != "uniform" and (config.structure is not None or config.scope != "row"):
         raise ValueError(f"--allocation {kind} needs --scope row and no N:M --structure")
     if kind in ("owl", "owl-rescaled"):
-        if config.method != "wanda":
-            raise ValueError(f"--allocation {kind} needs --method wanda (outliers of the Wanda scores)")
+        if config.method not in ("wanda", "sparsegpt"):
+            raise ValueError(
+                f"--allocation {kind} needs --method wanda or sparsegpt (layer ratios from the outliers of "
+                "the Wanda scores)"
+            )
         check_owl(config.sparsity, args.owl_m, args.owl_lambda, _owl_mapping(kind))
     if kind == "variant":
         check_tol(args.variant_tol)

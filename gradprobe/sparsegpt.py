@@ -246,8 +246,14 @@ class SparseGPTMaskFn:
     percdamp: float = 0.01
 
     def __call__(
-        self, weight: torch.Tensor, norm: torch.Tensor | None, sparsity: float | None, ctx: Any
+        self,
+        weight: torch.Tensor,
+        norm: torch.Tensor | None,
+        sparsity: float | None,
+        ctx: Any,
+        k: int | None = None,
     ) -> torch.Tensor:
+        """Prune ``weight`` with the tensor's Hessian; ``k``: an exact total count instead of ``sparsity``."""
         hess = getattr(ctx.stats, "hessian", None)
         if hess is None:
             raise ValueError(
@@ -258,9 +264,10 @@ class SparseGPTMaskFn:
         return sparsegpt_prune_(
             weight,
             hess,
-            sparsity,
+            None if k is not None else sparsity,
             scope=cfg.scope,
-            structure=cfg.structure,
+            structure=None if k is not None else cfg.structure,
+            k=k,
             blocksize=self.blocksize,
             percdamp=self.percdamp,
         )

@@ -58,8 +58,13 @@ def smallest(scores, k):
     return mask.scatter_(-1, torch.sort(scores, dim=-1, stable=True).indices[..., :k], True)
 
 
-def fasterprune_oracle(W, H, sparsity=None, prunen=0, prunem=0, scope="row", blocksize=128, percdamp=0.01):
-    """Published ``fasterprune`` (no quantizer) with exact, stable selection. Returns (W', mask)."""
+def fasterprune_oracle(
+    W, H, sparsity=None, prunen=0, prunem=0, scope="row", blocksize=128, percdamp=0.01, row_counts=None
+):
+    """Published ``fasterprune`` (no quantizer) with exact, stable selection. Returns (W', mask).
+
+    ``row_counts``: per-row pruned counts instead of ``floor(sparsity * columns)`` (scope "row").
+    """
     W = W.clone().float()
     rows, columns = W.shape
     H = H.clone()
@@ -78,8 +83,9 @@ def fasterprune_oracle(W, H, sparsity=None, prunen=0, prunem=0, scope="row", blo
     widths = [min(blocksize, columns - i) for i in range(0, columns, blocksize)]
     if not prunen:
         if scope == "row":
-            per_row = math.floor(sparsity * columns)
-            counts = split_oracle(per_row, widths)
+            if row_counts is None:
+                row_counts = [math.floor(sparsity * columns)] * rows
+            counts = [split_oracle(c, widths) for c in row_counts]
         else:
             counts = split_oracle(math.floor(sparsity * rows * columns), [rows * w for w in widths])
     full_mask = torch.zeros(W.shape, dtype=torch.bool)
@@ -93,7 +99,7 @@ def fasterprune_oracle(W, H, sparsity=None, prunen=0, prunem=0, scope="row", blo
         if prunen == 0:
             tmp = W1**2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
             if scope == "row":
-                mask1 = smallest(tmp, counts[b])
+                mask1 = torch.stack([smallest(tmp[r], counts[r][b]) for r in range(rows)])
             else:
                 mask1 = smallest(tmp.flatten(), counts[b]).reshape(tmp.shape)
         else:
@@ -172,9 +178,12 @@ def test_exact_total_count_spreads_over_rows():
     for k in (0, 3, 139, 140, 141, 279):
         w = W.clone()
         mask = sparsegpt_prune_(w, H, k=k, blocksize=16)
-        per_row = mask.sum(1).tolist()
         a, r = divmod(k, 7)
-        assert per_row == [a + 1] * r + [a] * (7 - r)
+        want_counts = [a + 1] * r + [a] * (7 - r)
+        assert mask.sum(1).tolist() == want_counts
+        want_w, want_mask = fasterprune_oracle(W, H, blocksize=16, row_counts=want_counts)
+        assert torch.equal(mask, want_mask)
+        torch.testing.assert_close(w, want_w, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_weight_updated_in_place():
@@ -274,6 +283,19 @@ def test_driver_equals_oracle_pipeline(kw):
         assert all(r.pruned == math.floor(0.6 * r.numel) for r in rep.rows)
 
 
+def test_owl_allocation_with_sparsegpt_prunes_the_plan():
+    from gradprobe.allocation import owl_from_model
+
+    batches = random_batches(2, 16, seed=8)
+    model = tiny_llama(num_layers=2, hidden=32, intermediate=48, seed=5)
+    alloc = owl_from_model(model, batches, 0.5, lam=0.1)
+    rep = gradprobe.prune(
+        model, batches, alloc.config(method="sparsegpt", nsamples=2, seqlen=16, progress=False)
+    )
+    alloc.check(rep)  # exactly the planned count of every tensor
+    assert len(set(alloc.layer_sparsity.values())) > 1
+
+
 def test_default_blocksize_runs_and_lm_head():
     batches = random_batches(2, 16, seed=6)
     model = tiny_llama(num_layers=1, hidden=32, intermediate=48, seed=4)
@@ -336,7 +358,10 @@ def test_cli_method_sparsegpt_2of4(cli_workspace, tmp_path):
 
     model_dir, text = cli_workspace
     out = tmp_path / "out"
-    assert cli.main(prune_argv(model_dir, text, out, "--no-eval", "--method", "sparsegpt", "--structure", "2:4")) == 0
+    assert (
+        cli.main(prune_argv(model_dir, text, out, "--no-eval", "--method", "sparsegpt", "--structure", "2:4"))
+        == 0
+    )
     report = json.loads((out / "prune_report.json").read_text())
     assert report["totals"]["pruned"] * 2 == report["totals"]["params"]
 
@@ -346,7 +371,7 @@ def test_cli_method_sparsegpt_2of4(cli_workspace, tmp_path):
     [
         (["--scope", "global"], 'scope="global" is not defined for method="sparsegpt"'),
         (["--probe"], "--probe filters Wanda or magnitude"),
-        (["--allocation", "owl"], "use --allocation uniform with --method sparsegpt"),
+        (["--allocation", "variant"], "--allocation variant is Wanda's cumulative-score cut"),
     ],
 )
 def test_cli_bad_sparsegpt_args_exit_2(cli_workspace, tmp_path, capsys, extra, message):
