@@ -49,13 +49,61 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from gradprobe.select import check_sparsity, global_prune_masks, prune_mask
+from gradprobe.select import check_sparsity, global_prune_masks, num_pruned, prune_mask
 from gradprobe.stats import sum_of_squares
 
 METHODS = ("wanda", "magnitude")
 SCOPES = ("row", "layer", "global")
-MODES = ("layerwise", "model")
+MODES = ("layerwise", "model", "regional")
 ORDERS = ("reverse", "forward")
+TARGETS = ("candidates", "exact")
+OVERSELECT = 0.2  # default s' = s + OVERSELECT * (1 - s) for target="exact"
+# Keys of the exact rule (fp32): non-candidates get KEY_MAX (never selected, the ops reject inf);
+# candidate keys are clamped to RATIO_MAX < KEY_MAX.
+KEY_MAX = torch.finfo(torch.float32).max
+RATIO_MAX = 1e38
+
+
+def growth_key(backup: torch.Tensor, g0: torch.Tensor, g1: torch.Tensor) -> torch.Tensor:
+    """fp32 (k,) ranking key of the exact rule: G1 / G0, how much a candidate's gradient grew.
+
+    G0 = 0: key 1 if G1 = 0 too (no change), else RATIO_MAX; NaN and overflow -> RATIO_MAX.
+    A candidate that is already zero (``backup == 0``, e.g. pruned by an earlier step) gets 0:
+    pruning it changes nothing, so it is always taken first.
+    """
+    g0, g1 = g0.to(torch.float32), g1.to(torch.float32)
+    ratio = torch.where(g0 > 0, g1 / torch.where(g0 > 0, g0, 1.0), torch.where(g1 > 0, RATIO_MAX, 1.0))
+    ratio = torch.nan_to_num(ratio, nan=RATIO_MAX, posinf=RATIO_MAX).clamp(0.0, RATIO_MAX)
+    return torch.where(backup == 0, 0.0, ratio)
+
+
+def select_by_key(candidates: torch.Tensor, key: torch.Tensor, score: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
+    """Exactly ``k`` candidates with the smallest ``key``; ties by smaller ``score``, then lower flat index.
+
+    Args:
+        candidates: bool (out, in); at least ``k`` True per row (per_row) or in total.
+        key, score: fp32 (c,), >= 0 and finite, in row-major candidate order (c = candidates.sum()).
+        k: count per row (``per_row``) or for the whole tensor.
+
+    Returns:
+        bool (out, in) mask. Two passes of the exact selection ops: the k-th smallest key (value and
+        how many of its ties to take); then one key that puts the keys below it first (0) and the
+        tied ones by score (``nextafter(score)`` > 0, order preserved), so the same op picks the
+        tied ones by score then index.
+    """
+    full = torch.full(candidates.shape, KEY_MAX, dtype=torch.float32, device=candidates.device)
+    full[candidates] = key
+    if per_row:
+        thr = torch.ops.gradprobe.row_threshold(full, None, k)[0].reshape(-1, 1)
+    else:
+        thr = torch.ops.gradprobe.global_threshold([full], [], k)[0]
+    tied = torch.full_like(full, KEY_MAX)
+    tied[candidates] = torch.nextafter(score.to(torch.float32).clamp(max=RATIO_MAX), torch.tensor(KEY_MAX))
+    second = torch.where(full < thr, torch.zeros_like(full), torch.where(full == thr, tied, KEY_MAX))
+    if per_row:
+        return torch.ops.gradprobe.row_mask(second, None, k)
+    t, take, _ = torch.ops.gradprobe.global_threshold([second], [], k)
+    return torch.ops.gradprobe.global_mask([second], [], t, take)[0]
 
 
 @dataclass(frozen=True)
@@ -146,6 +194,9 @@ class TensorProbe:
         g0, g1: (k,) float32, max |grad| before / after scaling the candidates by r.
         tau: the threshold the current decision used.
         mask: bool (out, in), the pruned candidates of the current decision.
+        count: ``target="exact"`` only: the exact number to prune (per row if ``per_row``, else for
+            the tensor); None for ``target="candidates"``.
+        score: ``target="exact"`` only: (k,) float32 candidate scores (the tie-break of the rule).
     """
 
     name: str
@@ -158,11 +209,22 @@ class TensorProbe:
     g1: torch.Tensor
     tau: float = 0.0
     mask: torch.Tensor | None = None
+    count: int | None = None
+    per_row: bool = True
+    score: torch.Tensor | None = None
 
     def apply_(self, tau: float) -> torch.Tensor:
-        """Restore all candidates, zero those with g1 <= g0 * (1 + tau); returns the pruned mask."""
+        """Restore all candidates, then zero those with g1 <= g0 * (1 + tau) (``target="candidates"``)
+        or the exact rule's ``count`` (``target="exact"``, tau unused); returns the pruned mask."""
         self.tau = tau
-        self.mask = torch.ops.gradprobe.probe_apply_(self.param.data, self.candidates, self.backup, self.g0, self.g1, 1.0 + tau)
+        if self.count is None:
+            self.mask = torch.ops.gradprobe.probe_apply_(self.param.data, self.candidates, self.backup, self.g0,
+                                                         self.g1, 1.0 + tau)
+            return self.mask
+        self.mask = select_by_key(self.candidates, growth_key(self.backup, self.g0, self.g1), self.score, self.count,
+                                  self.per_row)
+        self.param.data.masked_scatter_(self.candidates, self.backup)
+        self.param.data.masked_fill_(self.mask, 0)
         return self.mask
 
     def restore_(self) -> None:
@@ -376,6 +438,10 @@ class _Runner:
             return self.model(input_ids=ids, labels=ids, use_cache=False).loss
         return self.loss(self.model(input_ids=ids, use_cache=False).logits, ids)
 
+    def block_loss(self, j: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Regional loss: squared L2 norm (fp32) of decoder layer ``j``'s output for its input ``hidden``."""
+        return self.run_layer(j, hidden).to(torch.float32).pow(2).sum()
+
     def tail_loss(self, start: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Loss of the model run from the input ``hidden`` (batch, seqlen, hidden) of layer ``start``."""
         x = hidden
@@ -420,22 +486,52 @@ class _Runner:
         return [acc[id(p)] for p in params]
 
 
+@dataclass(frozen=True)
+class _Exact:
+    """The exact rule's plan for one tensor: prune ``count`` (per row, or for the tensor) of its
+    candidates; ``score`` (c,) fp32 = the candidates' method scores (the tie-break)."""
+
+    count: int
+    per_row: bool
+    score: torch.Tensor
+
+
 def _candidates(targets: Sequence[_Target], sparsity: float, method: str, scope: str,
-                norms: Mapping[str, torch.Tensor] | None) -> list[torch.Tensor]:
+                norms: Mapping[str, torch.Tensor] | None,
+                exact: float | None = None) -> list[tuple[torch.Tensor, _Exact | None]]:
+    """Candidate masks at ``sparsity`` (for target="exact": the candidate sparsity s') and, when
+    ``exact`` (the requested sparsity s) is given, each tensor's :class:`_Exact` plan: count
+    floor(s * in) per row, floor(s * numel) per tensor, or for "global" the number the global
+    score selection at s puts in the tensor (the counts sum to floor(s * total))."""
     ns = None
     if method == "wanda":
         if norms is None or any(t.name not in norms for t in targets):
             missing = [t.name for t in targets if norms is None or t.name not in norms]
             raise ValueError(f"Wanda norms missing for {missing[:3]}...; pass norms for every probed tensor or none")
         ns = [norms[t.name].to(device=t.param.device, dtype=torch.float32).contiguous() for t in targets]
+    ws = [t.param.data for t in targets]
     with torch.no_grad():
         if scope == "global":
-            return global_prune_masks([t.param.data for t in targets], sparsity, norms=ns)
-        return [prune_mask(t.param.data, sparsity, norm=None if ns is None else ns[i], scope=scope)
-                for i, t in enumerate(targets)]
+            masks = global_prune_masks(ws, sparsity, norms=ns)
+        else:
+            masks = [prune_mask(w, sparsity, norm=None if ns is None else ns[i], scope=scope) for i, w in enumerate(ws)]
+        if exact is None:
+            return [(m, None) for m in masks]
+        if scope == "global":
+            counts = [int(m.sum()) for m in global_prune_masks(ws, exact, norms=ns)]
+        else:
+            counts = [num_pruned(w.shape[1] if scope == "row" else w.numel(), exact) for w in ws]
+        plans = []
+        for i, (w, m) in enumerate(zip(ws, masks, strict=True)):
+            score = w.abs().to(torch.float32)
+            if ns is not None:
+                score = score * ns[i].abs()  # as the selection ops score: |W| * |norm|
+            plans.append(_Exact(counts[i], scope == "row", score[m]))
+    return list(zip(masks, plans, strict=True))
 
 
-def _probe_group(runner: _Runner, targets: Sequence[_Target], loss_of_batch, cands: Callable[[], list[torch.Tensor]],
+def _probe_group(runner: _Runner, targets: Sequence[_Target], loss_of_batch,
+                 cands: Callable[[], list[tuple[torch.Tensor, _Exact | None]]],
                  r: float, threshold: Threshold, n_max: int) -> dict[str, TensorProbe]:
     """G0 pass, candidates (``cands`` is called after G0, so norm hooks of that pass are complete),
     scale by r, G1 pass, decide + restore + zero. Only ``targets`` require grad meanwhile."""
@@ -444,7 +540,8 @@ def _probe_group(runner: _Runner, targets: Sequence[_Target], loss_of_batch, can
         p.requires_grad_(True)
     try:
         g0 = runner.grad_pass(params, loss_of_batch)
-        masks = cands()
+        chosen = cands()
+        masks = [m for m, _ in chosen]
         backups = []
         with torch.no_grad():
             for p, m in zip(params, masks, strict=True):
@@ -460,8 +557,10 @@ def _probe_group(runner: _Runner, targets: Sequence[_Target], loss_of_batch, can
             p.requires_grad_(False)
     out = {}
     with torch.no_grad():
-        for t, m, b, a, g in zip(targets, masks, backups, g0c, g1, strict=True):
+        for t, (m, plan), b, a, g in zip(targets, chosen, backups, g0c, g1, strict=True):
             tp = TensorProbe(t.name, t.layer, t.linear, t.param, m, b, a, g[m].to(torch.float32))
+            if plan is not None:
+                tp.count, tp.per_row, tp.score = plan.count, plan.per_row, plan.score
             tp.apply_(resolve_threshold(threshold, t.name, t.layer, t.linear, t.param.numel(), n_max))
             out[t.name] = tp
     return out
@@ -498,6 +597,10 @@ def probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spar
     device = all_targets[0].param.device
     batch_list = [b.to(device=device, dtype=torch.int64) for b in batch_list]
 
+    # target="exact": candidates at s' = candidate_sparsity, exactly floor(s * n) of them pruned
+    exact = sparsity if a["target"] == "exact" else None
+    cand_s = a["candidate_sparsity"] if exact is not None else sparsity
+
     start = time.perf_counter()
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
     was_training = model.training
@@ -519,7 +622,7 @@ def probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spar
                 nonlocal got
                 if collector is not None:
                     got = collector.remove()
-                return _candidates(all_targets, sparsity, method, scope, norms if norms is not None else got)
+                return _candidates(all_targets, cand_s, method, scope, norms if norms is not None else got, exact)
 
             try:
                 tensors = _probe_group(runner, all_targets, lambda i: runner.full_loss(batch_list[i]), cands, r, threshold, n_max)
@@ -527,8 +630,8 @@ def probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spar
                 if collector is not None:
                     collector.remove()
         else:
-            tensors = _probe_layerwise(runner, groups, batch_list, sparsity, method, scope, order, norms, r, threshold,
-                                       n_max, a["progress"])
+            tensors = _probe_layerwise(runner, groups, batch_list, cand_s, method, scope, order, norms, r, threshold,
+                                       n_max, a["progress"], exact=exact, regional=mode == "regional")
     except BaseException:  # any error or interrupt: the model gets back every value the run changed
         _undo(runner)
         raise
@@ -539,7 +642,8 @@ def probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spar
         if use_cache is not None:
             model.config.use_cache = use_cache
     return ProbeResult(tensors, threshold, mode, time.perf_counter() - start, runner.passes,
-                       {"sparsity": sparsity, "method": method, "scope": scope, "order": order, "reduction_factor": r})
+                       {"sparsity": sparsity, "method": method, "scope": scope, "order": order, "reduction_factor": r,
+                        "target": a["target"], "candidate_sparsity": cand_s})
 
 
 def _capture_inputs(runner: _Runner, batch_list, layer_ids: set[int], collect_norms_for: Sequence[_Target]):
@@ -575,7 +679,8 @@ def _undo(runner: _Runner) -> None:
     runner.changed.clear()
 
 
-def _probe_layerwise(runner, groups, batch_list, sparsity, method, scope, order, norms, r, threshold, n_max, progress):
+def _probe_layerwise(runner, groups, batch_list, sparsity, method, scope, order, norms, r, threshold, n_max, progress,
+                     exact=None, regional=False):
     from tqdm.auto import tqdm
 
     live = [i for i, g in enumerate(groups) if g]
@@ -589,7 +694,8 @@ def _probe_layerwise(runner, groups, batch_list, sparsity, method, scope, order,
     global_cands = None
     if scope == "global":
         global_cands = dict(zip((t.name for t in all_targets),
-                                _candidates(all_targets, sparsity, method, scope, norms if norms is not None else dense_norms),
+                                _candidates(all_targets, sparsity, method, scope, norms if norms is not None else dense_norms,
+                                            exact),
                                 strict=True))
     tensors: dict[str, TensorProbe] = {}
     for pos, i in enumerate(tqdm(seq, desc="probe", disable=not progress)):
@@ -601,11 +707,16 @@ def _probe_layerwise(runner, groups, batch_list, sparsity, method, scope, order,
             if global_cands is not None:
                 return [global_cands[t.name] for t in targets]
             got = collector.remove() if collector is not None else {}
-            return _candidates(targets, sparsity, method, scope, norms if norms is not None else got)
+            return _candidates(targets, sparsity, method, scope, norms if norms is not None else got, exact)
 
+        if regional:
+            def loss_of_batch(b, i=i, hidden=hidden):
+                return runner.block_loss(i, hidden[b])
+        else:
+            def loss_of_batch(b, i=i, hidden=hidden):
+                return runner.tail_loss(i, hidden[b], batch_list[b])
         try:
-            tensors.update(_probe_group(runner, targets, lambda b, i=i, hidden=hidden: runner.tail_loss(i, hidden[b], batch_list[b]),
-                                        cands, r, threshold, n_max))
+            tensors.update(_probe_group(runner, targets, loss_of_batch, cands, r, threshold, n_max))
         finally:
             if collector is not None:
                 collector.remove()
@@ -631,6 +742,8 @@ def probe_prune_(
     gradient_threshold: Threshold = 0.0,
     mode: str = "layerwise",
     order: str = "reverse",
+    target: str = "candidates",
+    candidate_sparsity: float | None = None,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     norms: Mapping[str, torch.Tensor] | None = None,
     structure: str | None = None,
@@ -689,4 +802,26 @@ def _probe_arguments(model, batches, sparsity, options: Mapping[str, Any]) -> di
         for k, v in a["norms"].items():
             if not isinstance(v, torch.Tensor):
                 raise TypeError(f"norms[{k!r}] must be a (in_features,) float32 tensor, got {type(v).__name__}")
+    a["candidate_sparsity"] = _check_target(a["target"], a["candidate_sparsity"], a["sparsity"])
     return a
+
+
+def default_candidate_sparsity(sparsity: float) -> float:
+    """s' for ``target="exact"`` when none is given: s + OVERSELECT * (1 - s)."""
+    return sparsity + OVERSELECT * (1.0 - sparsity)
+
+
+def _check_target(target: Any, candidate_sparsity: Any, sparsity: float) -> float | None:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if target == "candidates":
+        if candidate_sparsity is not None:
+            raise ValueError('candidate_sparsity is used only with target="exact"; drop it or pass target="exact"')
+        return None
+    if candidate_sparsity is None:
+        return default_candidate_sparsity(sparsity)
+    cs = check_sparsity(candidate_sparsity, "candidate_sparsity")
+    if cs < sparsity:
+        raise ValueError(f"candidate_sparsity must be >= sparsity ({sparsity}) so that every row has enough "
+                         f"candidates for the exact count, got {cs}")
+    return cs
