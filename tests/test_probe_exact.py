@@ -209,3 +209,30 @@ def test_bad_target_arguments_raise_and_change_nothing(batches, kwargs, match):
     with pytest.raises(ValueError, match=match):
         gradprobe.probe_prune_(model, batches, 0.5, **kwargs)
     assert all(torch.equal(w, before[n]) for n, w in weights(model).items())
+
+
+@pytest.mark.slow
+def test_cli_probe_target_exact_regional_equals_probe_prune_(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from gradprobe import cli, io
+    from gradprobe.data import calibration_batches
+    from tests.tiny_models import prune_argv, save_tiny_checkpoint
+
+    model_dir, text = save_tiny_checkpoint(tmp_path / "src", num_layers=2)
+    out = tmp_path / "out"
+    argv = prune_argv(model_dir, text, out, "--no-eval", "--probe", "--probe-target", "exact", "--probe-mode", "regional",
+                      "--candidate-sparsity", "0.7", "--sparsity", "0.4")
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    ref, tok = io.load_model(model_dir)
+    batches = calibration_batches(tok, str(text), nsamples=4, seqlen=32, seed=0)
+    masks = gradprobe.probe_prune_(ref, batches, 0.4, mode="regional", target="exact", candidate_sparsity=0.7)
+    pruned = AutoModelForCausalLM.from_pretrained(out)
+    for (name, p), (_, q) in zip(pruned.named_parameters(), ref.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    for m in masks.values():
+        assert m.sum(1).tolist() == [int(0.4 * m.shape[1])] * m.shape[0]
+    with pytest.raises(SystemExit) as exc:
+        raise SystemExit(cli.main(prune_argv(model_dir, text, tmp_path / "o2", "--probe", "--candidate-sparsity", "0.7")))
+    assert exc.value.code == 2 and "--candidate-sparsity is used only with --probe-target exact" in capsys.readouterr().err
