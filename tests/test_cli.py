@@ -47,7 +47,7 @@ def _prune_args(model_dir, text, out, *extra):
         (["--sparsity", "1.5"], "must be in [0, 1)"),
         (["--sparsity", "abc"], "must be a number"),
         (["--structure", "3:4"], "invalid choice"),
-        (["--method", "sparsegpt"], "invalid choice"),
+        (["--method", "obs"], "invalid choice"),
         (["--structure", "2:4", "--sparsity", "0.6"], "conflicts with --structure 2:4"),
         (["--structure", "2:4", "--scope", "global"], "--scope global cannot be combined"),
         (["--nsamples", "0"], "must be >= 1"),

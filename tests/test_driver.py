@@ -322,7 +322,7 @@ BAD = [
         id="sparsity",
     ),
     pytest.param(
-        lambda: (tiny_llama(), random_batches(), {"method": "sparsegpt"}),
+        lambda: (tiny_llama(), random_batches(), {"method": "obs"}),
         ValueError,
         "PruneConfig.method",
         id="method",
