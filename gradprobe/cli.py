@@ -201,7 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="fraction of weights pruned per group, in [0, 1) (default 0.5; N:M implies N/M)",
     )
-    p.add_argument("--structure", choices=["unstructured", "2:4", "4:8"], default="unstructured")
+    p.add_argument(
+        "--structure",
+        choices=["unstructured", "2:4", "4:8"],
+        default="unstructured",
+        help="unstructured (default: any pattern at --sparsity) or N:M (N pruned in every M consecutive "
+        "inputs of a row; implies --sparsity N/M)",
+    )
     p.add_argument(
         "--scope",
         choices=["row", "layer", "global"],
@@ -236,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_probe_args(p)
     _add_eval_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip the dense and pruned perplexity")
+    p.add_argument(
+        "--no-plot", action="store_true", help="write no PNG plots (then matplotlib is not needed)"
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
     p.add_argument(
@@ -277,9 +286,21 @@ def _check_model_arg(model: str | None) -> None:
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise UsageError(f"--model {model!r} is not a Hugging Face checkpoint directory (no config.json)")
-        return
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+    elif model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise UsageError(f"--model {model!r} does not exist (and is not a hub id like 'org/name')")
+    from gradprobe.preflight import check_model_files  # weights present (a local dir), or cached (offline)
+
+    _preflight(check_model_files, model)
+
+
+def _preflight(check, *a, **k) -> None:
+    """Run a :mod:`gradprobe.preflight` check; its error becomes a usage error (exit 2)."""
+    from gradprobe.preflight import PreflightError
+
+    try:
+        check(*a, **k)
+    except PreflightError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _check_device(device: str) -> None:
@@ -369,7 +390,8 @@ def _evaluate(model, ids, sizes, device, label):
         max_windows=sizes["eval_windows"],
         device=device,
     )
-    print(f"{label} perplexity: {res.value:.2f}  ({time.perf_counter() - t:.1f} s)", flush=True)
+    # the settings beside every perplexity: numbers measured with other settings are not comparable
+    print(f"{label} perplexity: {res}  ({time.perf_counter() - t:.1f} s)", flush=True)
     return res
 
 
@@ -400,28 +422,32 @@ def cmd_prune(args) -> int:
         allocation.check_cli_args(args, config)
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
+    from gradprobe import preflight
+
+    _preflight(preflight.check_packages, preflight.HF_PACKAGES + (() if args.no_plot else preflight.PLOT_PACKAGES),
+               hint="" if args.no_plot else ", or pass --no-plot")
     try:
         out = io.check_out_dir(args.out, source=args.model, overwrite=args.overwrite)
     except (ValueError, FileExistsError) as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(str(exc).replace("out_dir", "--out", 1)) from None
+    _preflight(preflight.check_out_location, out)
     partial = io.partial_dir(out)
-    settings = {"model": args.model, "dtype": args.dtype, "config": config.fingerprint(),
-                "allocation": allocation.cli_settings(args),
-                "probe": [args.probe, args.reduction_factor, args.gradient_threshold, args.adaptive_threshold,
-                          args.probe_mode, args.probe_order, args.probe_target, args.candidate_sparsity]}
+    settings = preflight.resume_identity(args, config)
     run_file = partial / "settings.json"
     discard = partial.exists() and not args.resume
     if partial.exists() and args.resume:
         try:
-            previous = json.loads(run_file.read_text())
-        except (OSError, ValueError):
-            previous = None
+            previous = preflight.read_json_checked(run_file)
+        except ValueError as exc:  # killed or out of space before its settings were written: nothing to resume
+            print(f"discarding {partial}: {exc}; starting over", file=sys.stderr, flush=True)
+            previous, discard = settings, True
         if previous != settings:
             raise UsageError(
                 f"{partial} holds an interrupted run with different settings; rerun with the same arguments "
                 "to resume it, or pass --no-resume to discard it"
             )
-        print(f"resuming the interrupted run in {partial}", flush=True)
+        if not discard:
+            print(f"resuming the interrupted run in {partial}", flush=True)
 
     model, tokenizer = _load(args)
     from gradprobe.models import get_adapter
@@ -454,7 +480,7 @@ def cmd_prune(args) -> int:
     if discard:
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps(settings))
+    preflight.write_json_atomic(run_file, settings)
     from gradprobe.api import prune
 
     config, alloc = allocation.config_from_cli(args, config, model, batches)
@@ -474,6 +500,8 @@ def cmd_prune(args) -> int:
         f"in {report.seconds:.1f} s",
         flush=True,
     )
+    if report.resumed_layers:
+        print(f"restored from the checkpoint: layers {report.resumed_layers}", flush=True)
 
     pruned = None
     if not args.no_eval:
@@ -500,12 +528,23 @@ def cmd_prune(args) -> int:
         "sparsity": report.sparsity,
         "seconds": None,
     }
+    report.run = _run_record(args, config, report, summary["calibration"])
+    summary |= {k: report.run[k] for k in ("command", "method", "probe", "allocation", "versions", "arguments")}
     summary["seconds"] = time.perf_counter() - t0
+
+    def allocation_files(stage):
+        from gradprobe.report import optional_plot
+
+        a = allocation.report_allocation(report, args.allocation, report.config.sparsity) if alloc is None else alloc
+        (stage / "allocation.md").write_text(a.table() + "\n")
+        if not args.no_plot:
+            optional_plot(a.save_plot, stage / "allocation.png")
+
     io.save_pruned(
-        model, tokenizer, out, report, overwrite=args.overwrite, staging=partial / "model", extra_json=summary
+        model, tokenizer, out, report, overwrite=args.overwrite, staging=partial / "model", extra_json=summary,
+        extra_files=allocation_files, plots=not args.no_plot,
     )
     shutil.rmtree(partial, ignore_errors=True)
-    allocation.save_cli_outputs(out, report, alloc, args.allocation)
 
     print("", flush=True)
     print(
@@ -515,7 +554,8 @@ def cmd_prune(args) -> int:
     print(calib_line)
     if dense is not None:
         print(_eval_line(args.eval_source, dense))
-        print(f"perplexity: dense {dense.value:.2f} -> pruned {pruned.value:.2f}")
+        print(f"perplexity: dense {dense.value:.2f} -> pruned {pruned.value:.2f} (context {dense.context}, "
+              f"stride {dense.stride}, {dense.windows} windows, {dense.tokens} scored tokens)")
     print(
         f"saved to {out} (model.safetensors, prune_report.md/.json/.png, {RUN_JSON}) "
         f"in {time.perf_counter() - t0:.1f} s total"
@@ -523,13 +563,65 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _run_record(args, config, report, calibration) -> dict:
+    """Everything that determined the result, for gradprobe_run.json and prune_report.md/.json: the
+    method and its settings, the allocation, calibration, seed, versions and every option given."""
+    from gradprobe import allocation, preflight
+
+    method = config.method + (" + gradient probe" if args.probe else "")
+    probe = None
+    if args.probe:  # every probe option, including ones other modules add (names start with probe_)
+        import inspect
+
+        from gradprobe.probe import probe_prune_
+
+        own = set(inspect.signature(probe_prune_).parameters) - {"sparsity", "method", "scope", "structure"}
+        probe = {k.removeprefix("probe_"): v for k, v in preflight.arguments(args).items()
+                 if k.startswith("probe_") or k in own or k == "adaptive_threshold"}
+    target = config.sparsity if config.sparsity is not None else config.structure
+    return {
+        "command": preflight.command_line(getattr(args, "argv", None)),
+        "method": method,
+        "target": preflight.jsonable(target),
+        "achieved sparsity": report.sparsity,
+        "scope": config.structure or config.scope,
+        "probe": probe,
+        "allocation": preflight.jsonable(allocation.cli_settings(args)),
+        "calibration": calibration,
+        "seed": args.seed,
+        "versions": preflight.versions(),
+        "arguments": preflight.arguments(args),
+    }
+
+
+def _recorded_eval_settings(model: str | None) -> dict | None:
+    """The perplexity settings ``gradprobe prune`` used for the model in ``model`` (its gradprobe_run.json)."""
+    if model is None or not Path(model, RUN_JSON).is_file():
+        return None
+    try:
+        dense = json.loads(Path(model, RUN_JSON).read_text())["eval"]["dense"]
+        return {"eval_context": int(dense["context"]), "eval_stride": int(dense["stride"]),
+                "eval_windows": int(dense["windows"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def cmd_eval(args) -> int:
-    from gradprobe import data
+    from gradprobe import data, preflight
 
     args.device = args.device or _default_device()
     _check_device(args.device)
     _check_model_arg(args.model)
+    _preflight(preflight.check_packages, preflight.HF_PACKAGES)
     _check_source(args.eval_source, "--eval")
+    recorded = _recorded_eval_settings(args.model)
+    given = [k for k in ("eval_context", "eval_stride", "eval_windows") if getattr(args, k) is not None]
+    if recorded is not None and not given:  # measure as prune measured, so the numbers compare
+        for k, v in recorded.items():
+            setattr(args, k, v)
+        print(f"eval settings of {Path(args.model, RUN_JSON)} (as gradprobe prune measured): context "
+              f"{recorded['eval_context']}, stride {recorded['eval_stride']}, {recorded['eval_windows']} windows",
+              flush=True)
     sizes = _resolve_defaults(args)
     model, tokenizer = _load(args)
     ids = data.eval_ids(tokenizer, args.eval_source)
@@ -552,19 +644,69 @@ def main(argv: list[str] | None = None) -> int:
 
         return env_main([])
     command = {"prune": cmd_prune, "eval": cmd_eval}[args.command]
-    try:
-        return command(args)
-    except UsageError as exc:
-        parser.print_usage(sys.stderr)
-        print(f"gradprobe {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # data source / model loading failures: one clear line, exit 1
-        from gradprobe.data import DataSourceError
-
-        if isinstance(exc, (DataSourceError, OSError)):
+    with _LineGuard():
+        try:
+            args.argv = list(sys.argv[1:] if argv is None else argv)
+            return command(args)
+        except UsageError as exc:
+            parser.print_usage(sys.stderr)
             print(f"gradprobe {args.command}: error: {exc}", file=sys.stderr)
-            return 1
-        raise
+            return 2
+        except Exception as exc:  # data source / model loading / disk failures: one clear line, exit 1
+            from gradprobe.data import DataSourceError
+
+            if isinstance(exc, (DataSourceError, OSError)):
+                print(f"gradprobe {args.command}: error: {exc}", file=sys.stderr)
+                partial = io_partial(args)
+                if partial is not None and partial.exists():
+                    print(f"nothing was written to --out; the finished work is kept in {partial}: fix the cause and "
+                          "rerun the same command to resume", file=sys.stderr)
+                return 1
+            raise
+
+
+def io_partial(args) -> Path | None:
+    """The resume directory of a ``prune`` run (None for other commands)."""
+    if getattr(args, "out", None) is None:
+        return None
+    from gradprobe.io import partial_dir
+
+    return partial_dir(args.out)
+
+
+class _LineGuard:
+    """Keep printed lines off progress-bar lines: tqdm bars (on stderr) leave the cursor mid-line
+    when they end with ``\r`` in a log file or pipe; before anything is printed to stdout, such a
+    line is ended on stderr. Both streams are wrapped for the command and restored afterwards."""
+
+    def __enter__(self):
+        self.saved = sys.stdout, sys.stderr
+        self.mid_line = False
+        sys.stdout, sys.stderr = _Tracked(sys.stdout, self, False), _Tracked(sys.stderr, self, True)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stdout, sys.stderr = self.saved
+        return False
+
+
+class _Tracked:
+    def __init__(self, stream, guard: _LineGuard, is_err: bool):
+        self._stream, self._guard, self._is_err = stream, guard, is_err
+
+    def write(self, text: str) -> int:
+        if text:
+            if self._is_err:
+                tty = getattr(self._stream, "isatty", lambda: False)()
+                self._guard.mid_line = not (text.endswith("\n") or (tty and text.endswith("\r")))
+            elif self._guard.mid_line:
+                self._guard.mid_line = False
+                self._guard.saved[1].write("\n")
+                self._guard.saved[1].flush()
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 if __name__ == "__main__":

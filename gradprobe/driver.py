@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from gradprobe.select import global_prune_, prune_
 from gradprobe.stats import ChannelStats, LayerStats
 
 LM_HEAD = "lm_head"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: checksummed state.json and checkpoint files
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,41 +220,136 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, raw bytes) of every tensor, in name order (CPU tensors)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+
+def _json_digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+class ResumeStateWarning(UserWarning):
+    """A resume checkpoint failed its checksum or could not be read; the run redoes that part."""
 
 
 class ResumeState:
     """``resume_dir`` layout: ``state.json`` + ``layer_XXXX.safetensors`` (pruned weights) or
-    ``norms_XXXX.safetensors`` (scope "global": dense norms). Files are written atomically."""
+    ``norms_XXXX.safetensors`` (scope "global": dense norms). Files are written atomically.
+
+    Integrity: ``state.json`` carries a sha256 of its own content; every checkpoint file carries, in its
+    safetensors metadata, the sha256 of its tensors, its layer record and the run identity's digest.
+    A checkpoint that fails its checksum (bit rot, truncation, a foreign write) is reported with a
+    :class:`ResumeStateWarning` and that layer and every later one are redone; an unreadable or corrupt
+    ``state.json`` is rebuilt from the checkpoint files that verify (the longest prefix of layers).
+    """
 
     def __init__(self, directory: str | os.PathLike, identity: dict[str, Any], checksums: dict[str, float]):
         self.dir = Path(directory)
         self.path = self.dir / "state.json"
-        if self.path.exists():
-            state = json.loads(self.path.read_text())
-            if state.get("identity") != identity:
-                diff = sorted(k for k in identity if state.get("identity", {}).get(k) != identity[k])
-                raise ValueError(
-                    f"resume_dir {str(self.dir)!r} was written by a different run (differs in: {', '.join(diff)}); "
-                    "use a new resume_dir or delete this one"
-                )
-            self.state = state
+        self.identity_digest = _json_digest(identity)
+        self._verified: dict[int, dict[str, torch.Tensor]] = {}  # layer -> tensors that passed the checksum
+        fresh = {
+            "version": STATE_VERSION,
+            "identity": identity,
+            "checksums": checksums,
+            "finished": {},
+            "complete": False,
+        }
+        state = self._read_state() if self.path.exists() else None
+        if state is not None and state.get("identity") != identity:
+            diff = sorted(k for k in identity if state.get("identity", {}).get(k) != identity[k])
+            raise ValueError(
+                f"resume_dir {str(self.dir)!r} was written by a different run (differs in: {', '.join(diff)}); "
+                "use a new resume_dir or delete this one"
+            )
+        if state is None and self.path.exists():
+            self.state = fresh
+            self._rebuild()
         else:
-            self.state = {
-                "version": STATE_VERSION,
-                "identity": identity,
-                "checksums": checksums,
-                "finished": {},
-                "complete": False,
-            }
+            self.state = state if state is not None else fresh
+
+    def _read_state(self) -> dict[str, Any] | None:
+        """The parsed state, or None (with a warning) when it is unreadable or fails its checksum."""
+        try:
+            state = json.loads(self.path.read_text())
+            body = {k: v for k, v in state.items() if k != "sha256"}
+            ok = isinstance(state, dict) and state.get("sha256") == _json_digest(body)
+        except (OSError, ValueError, AttributeError):
+            ok = False
+        if ok:
+            return state
+        warnings.warn(
+            f"resume state {str(self.path)!r} is unreadable or fails its checksum; rebuilding it from the "
+            "layer checkpoints that verify",
+            ResumeStateWarning,
+            stacklevel=3,
+        )
+        return None
+
+    def _rebuild(self) -> None:
+        """Recover ``finished`` from the checkpoint files: layers 0, 1, ... while each verifies."""
+        i = 0
+        while True:
+            got = None
+            for kind in ("layer", "norms"):
+                if (self.dir / f"{kind}_{i:04d}.safetensors").exists():
+                    got = self._load_verified(kind, i, report=True)
+                    break
+            if got is None:
+                break
+            tensors, record = got
+            self.state["finished"][str(i)] = record
+            del tensors  # verified again (and kept) when the layer is restored
+            i += 1
+        self.flush()
+
+    def _load_verified(self, kind: str, i: int, report: bool) -> tuple[dict[str, torch.Tensor], dict] | None:
+        from safetensors import safe_open
+
+        path = self.dir / f"{kind}_{i:04d}.safetensors"
+        problem = None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+            record = json.loads(meta.get("gradprobe_record", "null"))
+            if meta.get("gradprobe_identity") != self.identity_digest:
+                problem = "belongs to another run"
+            elif meta.get("gradprobe_sha256") != tensors_digest(tensors) or not isinstance(record, dict):
+                problem = "fails its checksum"
+        except Exception as exc:  # truncated / garbled header: safetensors raises its own errors
+            problem = f"cannot be read ({type(exc).__name__})"
+        if problem is None:
+            return tensors, record
+        if report:
+            warnings.warn(
+                f"resume checkpoint {str(path)!r} {problem}; redoing layer {i} and every later layer",
+                ResumeStateWarning,
+                stacklevel=4,
+            )
+        return None
 
     def finished(self, i: int) -> bool:
-        return str(i) in self.state["finished"]
+        """True if layer ``i`` finished and its checkpoint verifies; a bad checkpoint is reported and
+        layer ``i`` and all later layers are marked unfinished (they are recomputed)."""
+        entry = self.state["finished"].get(str(i))
+        if entry is None:
+            return False
+        if i not in self._verified:
+            got = self._load_verified(entry.get("kind", "layer"), i, report=True)
+            if got is None or got[1].get("rows") != entry.get("rows"):
+                for k in [k for k in self.state["finished"] if int(k) >= i]:
+                    del self.state["finished"][k]
+                self.flush()
+                return False
+            self._verified = {i: got[0]}  # keep one layer's tensors: the one about to be restored
+        return True
 
     def rows(self, i: int) -> list[TensorRow]:
         return [TensorRow.from_dict(d) for d in self.state["finished"][str(i)]["rows"]]
@@ -262,20 +358,34 @@ class ResumeState:
         return float(self.state["finished"][str(i)]["seconds"])
 
     def tensors(self, kind: str, i: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        return load_file(str(self.dir / f"{kind}_{i:04d}.safetensors"))
+        if i in self._verified or self.finished(i):
+            return self._verified[i]
+        raise ValueError(f"resume_dir {str(self.dir)!r} has no verified checkpoint of layer {i}")
 
     def mark(
         self, kind: str, i: int, tensors: dict[str, torch.Tensor], rows: list[TensorRow], seconds: float
     ) -> None:
+        from safetensors.torch import save_file
+
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_save_tensors(self.dir / f"{kind}_{i:04d}.safetensors", tensors)
-        self.state["finished"][str(i)] = {"rows": [r.to_dict() for r in rows], "seconds": seconds}
+        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        record = {"kind": kind, "rows": [r.to_dict() for r in rows], "seconds": seconds}
+        meta = {
+            "gradprobe_identity": self.identity_digest,
+            "gradprobe_record": json.dumps(record),
+            "gradprobe_sha256": tensors_digest(cpu),
+        }
+        path = self.dir / f"{kind}_{i:04d}.safetensors"
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(cpu, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        self.state["finished"][str(i)] = record
         self.flush()
 
     def flush(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        body = {k: v for k, v in self.state.items() if k != "sha256"}
+        self.state = body | {"sha256": _json_digest(body)}
         _atomic_write_text(self.path, json.dumps(self.state, indent=1))
 
     def check_model(self, groups: dict[int, dict[str, nn.Linear]]) -> None:

@@ -7,10 +7,12 @@ write over the directory the model was loaded from, so the source model is never
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,19 +68,21 @@ def check_out_dir(
     """Validate an output directory before any work is done; returns it as an absolute Path.
 
     Raises:
-        ValueError: ``out_dir`` is (or contains, or is inside) the source model directory, or is a file.
+        ValueError: ``out_dir`` is (or contains, or is inside) the source model directory, gradprobe's
+            cache (the embedded model) or the Hugging Face cache; or it is a file.
         FileExistsError: ``out_dir`` exists and is not empty, and ``overwrite`` is False.
     """
+    from gradprobe.preflight import protected_dirs
+
     out = Path(out_dir).expanduser().absolute()
-    sources = _source_dirs(model) if model is not None else []
-    if source is not None and Path(source).expanduser().is_dir():
-        sources.append(Path(source).expanduser().resolve())
+    protected = [(src, "the source model directory") for src in (_source_dirs(model) if model is not None else [])]
+    protected += protected_dirs(None if source is None else os.fspath(source))
     resolved = out.resolve()
-    for src in sources:
+    for src, what in protected:
         if resolved == src or src in resolved.parents or resolved in src.parents:
             raise ValueError(
-                f"out_dir {str(out)!r} overlaps the source model directory {str(src)!r}; the source is never "
-                "overwritten: choose another output directory"
+                f"out_dir {str(out)!r} overlaps {what} {str(src)!r}; it is never written into: choose another "
+                "output directory"
             )
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {str(out)!r} exists and is a file; choose a directory path")
@@ -89,13 +93,14 @@ def check_out_dir(
     return out
 
 
-def _write_report(report, directory: Path) -> None:
+def _write_report(report, directory: Path, plots: bool) -> None:
     if report is None:
         return
     for method in ("save", "write"):
         fn = getattr(report, method, None)
         if callable(fn):
-            fn(directory)
+            takes_plot = "plot" in inspect.signature(fn).parameters
+            fn(directory, plot=plots) if takes_plot else fn(directory)
             return
     if isinstance(report, dict):
         (directory / REPORT_JSON).write_text(json.dumps(report, indent=2, default=str))
@@ -112,6 +117,8 @@ def save_pruned(
     overwrite: bool = False,
     staging: str | os.PathLike | None = None,
     extra_json: dict | None = None,
+    extra_files: Callable[[Path], None] | None = None,
+    plots: bool = True,
 ) -> Path:
     """Save a (pruned) model + tokenizer as a Hugging Face checkpoint, atomically.
 
@@ -124,6 +131,11 @@ def save_pruned(
         staging: the directory to write into before the rename (default: a fresh temporary
             directory beside ``out_dir``); it is removed or renamed away on return.
         extra_json: optional dict written to ``gradprobe_run.json`` (e.g. the CLI's perplexities).
+        extra_files: optional ``fn(staging_dir)`` writing more files, inside the atomic rename.
+        plots: write the report's PNG plots (a plot that fails is a warning, never a lost result).
+
+    The weights are written first, then the tokenizer, the report and the extra files; every file
+    gets the usual permissions (0666 & ~umask) before the directory is renamed into place.
 
     Returns:
         ``out_dir`` as an absolute Path; ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it.
@@ -141,14 +153,19 @@ def save_pruned(
         model.save_pretrained(stage, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
-        _write_report(report, stage)
+        _write_report(report, stage, plots)
         if extra_json is not None:
             (stage / "gradprobe_run.json").write_text(json.dumps(extra_json, indent=2, default=str))
+        if extra_files is not None:
+            extra_files(stage)
         if any(stage.glob("*.bin")) or not any(stage.glob("*.safetensors")):
             raise RuntimeError(
                 f"expected safetensors weights only in {stage}; got {sorted(p.name for p in stage.iterdir())}"
             )
-        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; give the output the usual permissions
+        mask = _umask()
+        os.chmod(stage, 0o777 & ~mask)  # mkdtemp makes 0700; give the output the usual permissions
+        for f in stage.rglob("*"):  # safetensors writes through a 0600 temporary file
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
         old = None
         if out.exists():  # empty, or overwrite=True: move it aside, then swap
             old = out.parent / f".{out.name}.old-{os.getpid()}"

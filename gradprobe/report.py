@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ class PruneReport:
         layer_seconds: wall time per decoder layer (calibration forwards + selection + propagation).
         nsamples, seqlen: calibration actually used (0 for magnitude, which needs none).
         seconds: total wall time. resumed_layers: layers restored from ``resume_dir``.
+        run: what else determined the result (the CLI records the method and probe settings, the
+            allocation, calibration, seed, every option and the versions); shown in both outputs.
     """
 
     rows: list[TensorRow]
@@ -67,6 +70,7 @@ class PruneReport:
     seconds: float = 0.0
     model_type: str = ""
     resumed_layers: list[int] = field(default_factory=list)
+    run: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_params(self) -> int:
@@ -106,6 +110,7 @@ class PruneReport:
             },
             "layer_seconds": {str(k): v for k, v in sorted(self.layer_seconds.items())},
             "resumed_layers": list(self.resumed_layers),
+            "run": self.run,
             "rows": [r.to_dict() for r in self.rows],
         }
 
@@ -121,6 +126,7 @@ class PruneReport:
             f"method **{c.method}**, {what}, calibration {self.nsamples} x {self.seqlen} tokens; "
             f"achieved sparsity **{self.sparsity:.4%}** ({self.total_pruned:,} / {self.total_params:,}) in {self.seconds:.2f} s",
             "",
+            *_run_lines(self.run),
             "| layer | tensor | shape | target | achieved | pruned | select s |",
             "|---:|---|---|---:|---:|---:|---:|",
         ]
@@ -162,12 +168,40 @@ class PruneReport:
         plt.close(fig)
         return path
 
-    def save(self, directory: str | os.PathLike, stem: str = "prune_report") -> dict[str, Path]:
-        """Write ``<stem>.md``, ``<stem>.json`` and ``<stem>.png`` into ``directory``; returns the paths."""
+    def save(self, directory: str | os.PathLike, stem: str = "prune_report", plot: bool = True) -> dict[str, Path]:
+        """Write ``<stem>.md``, ``<stem>.json`` and (``plot``) ``<stem>.png`` into ``directory``; returns
+        the paths written. A plot that fails (e.g. matplotlib missing) is a warning: the table and the
+        JSON hold everything the plot shows."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         md, js, png = d / f"{stem}.md", d / f"{stem}.json", d / f"{stem}.png"
         md.write_text(self.to_markdown())
         js.write_text(self.to_json())
-        self.plot(png)
-        return {"markdown": md, "json": js, "png": png}
+        out = {"markdown": md, "json": js}
+        if plot and optional_plot(self.plot, png):
+            out["png"] = png
+        return out
+
+
+def _run_lines(run: dict[str, Any]) -> list[str]:
+    """Markdown for :attr:`PruneReport.run`: one bullet per section, nested mappings as ``k=v``."""
+    if not run:
+        return []
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, dict):
+            return ", ".join(f"{k}={fmt(x)}" for k, x in v.items())
+        return "`" + json.dumps(v) + "`" if isinstance(v, (list, str)) else str(v)
+
+    return ["## what determined this result", "", *(f"- **{k}**: {fmt(v)}" for k, v in run.items()), ""]
+
+
+def optional_plot(fn, path: Path) -> bool:
+    """Run ``fn(path)``; on any error warn (naming the file and the cause) and return False."""
+    try:
+        fn(path)
+        return True
+    except Exception as exc:  # a plot is never worth the result: matplotlib missing, backend errors, ...
+        Path(path).unlink(missing_ok=True)
+        warnings.warn(f"{Path(path).name} not written: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
+        return False

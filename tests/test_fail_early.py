@@ -145,7 +145,7 @@ PROBE_BAD = [
 
 
 @pytest.mark.parametrize("case", range(len(PROBE_BAD)), ids=[c[0] for c in PROBE_BAD])
-@pytest.mark.parametrize("mode", ["layerwise", "model"])
+@pytest.mark.parametrize("mode", ["layerwise", pytest.param("model", marks=pytest.mark.slow)])
 def test_probe_bad_arguments_leave_the_model_untouched(case, mode):
     from tiny_models import random_batches
 
@@ -170,8 +170,10 @@ class _Boom(Exception):
     pass
 
 
+DEFAULT_RUN_FAULTS = {("layerwise", "forward", 3, _Boom), ("model", "reverse", 2, KeyboardInterrupt)}
 RUN_FAULTS = [  # (mode, order, gradient pass that raises: 1 = first G0, 2 = first G1, 3 = second group's G0)
-    (mode, order, fail_at, error)
+    pytest.param(mode, order, fail_at, error,
+                 marks=() if (mode, order, fail_at, error) in DEFAULT_RUN_FAULTS else pytest.mark.slow)
     for mode, order in (("layerwise", "reverse"), ("layerwise", "forward"), ("model", "reverse"))
     for fail_at in ((1, 2, 3) if mode == "layerwise" else (1, 2))
     for error in ((_Boom, KeyboardInterrupt) if fail_at == 2 else (_Boom,))
