@@ -575,7 +575,8 @@ def _run_record(args, config, report, calibration) -> dict:
 
         from gradprobe.probe import probe_prune_
 
-        own = set(inspect.signature(probe_prune_).parameters) - {"sparsity", "method", "scope", "structure"}
+        own = set(inspect.signature(probe_prune_).parameters) - {
+            "model", "batches", "sparsity", "method", "scope", "structure", "loss", "norms", "layers", "progress"}
         probe = {k.removeprefix("probe_"): v for k, v in preflight.arguments(args).items()
                  if k.startswith("probe_") or k in own or k == "adaptive_threshold"}
     target = config.sparsity if config.sparsity is not None else config.structure

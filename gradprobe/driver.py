@@ -430,6 +430,17 @@ def _batches_digest(batches: torch.Tensor | None) -> str | None:
     return hashlib.sha256(batches.contiguous().numpy().tobytes()).hexdigest()
 
 
+def restored_note(layers: list[int]) -> str:
+    """``"restored 0-3, 5"``: the layers taken from the resume checkpoint, as ranges (progress bar text)."""
+    spans: list[list[int]] = []
+    for i in layers:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return "restored " + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
 class LayerwisePruner:
     """One pruning run. Build with the model, validated config and (for Wanda) calibration ids.
 
@@ -636,6 +647,7 @@ class LayerwisePruner:
             rows += layer_rows
             if done:
                 resumed.append(i)
+                bar.set_postfix_str(restored_note(resumed), refresh=False)
                 layer_seconds[i] = self.resume.seconds(i)
             else:
                 layer_seconds[i] = time.perf_counter() - t0
@@ -648,6 +660,7 @@ class LayerwisePruner:
                 self._restore(i)
                 rows += self.resume.rows(i)
                 resumed.append(i)
+                bar.set_postfix_str(restored_note(resumed), refresh=False)
                 layer_seconds[i] = self.resume.seconds(i)
             else:
                 stats = self._head_norms(inps, calib) if calib is not None else None
@@ -675,6 +688,7 @@ class LayerwisePruner:
                     norms = self.resume.tensors("norms", i)
                     calib.run_layer(layer, i, inps, outs)
                     resumed.append(i)
+                    bar.set_postfix_str(restored_note(resumed), refresh=False)
                 else:
                     with LayerStats(self.groups[i]) as st:
                         calib.run_layer(layer, i, inps, outs)  # dense outputs feed layer i + 1

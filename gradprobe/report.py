@@ -123,7 +123,7 @@ class PruneReport:
         lines = [
             f"# gradprobe prune report ({self.model_type or 'model'})",
             "",
-            f"method **{c.method}**, {what}, calibration {self.nsamples} x {self.seqlen} tokens; "
+            f"method **{self.run.get('method', c.method)}**, {what}, calibration {self.nsamples} x {self.seqlen} tokens; "
             f"achieved sparsity **{self.sparsity:.4%}** ({self.total_pruned:,} / {self.total_params:,}) in {self.seconds:.2f} s",
             "",
             *_run_lines(self.run),
@@ -191,7 +191,9 @@ def _run_lines(run: dict[str, Any]) -> list[str]:
     def fmt(v: Any) -> str:
         if isinstance(v, dict):
             return ", ".join(f"{k}={fmt(x)}" for k, x in v.items())
-        return "`" + json.dumps(v) + "`" if isinstance(v, (list, str)) else str(v)
+        if isinstance(v, list):
+            return "`" + " ".join(map(str, v)) + "`"
+        return f"`{v}`" if isinstance(v, str) and " " in v else str(v)
 
     return ["## what determined this result", "", *(f"- **{k}**: {fmt(v)}" for k, v in run.items()), ""]
 
