@@ -11,6 +11,20 @@ For a set of prunable tensors W (the linears of the decoder layers):
    candidate gets its original value back bit for bit (from a backup of the candidate values only,
    never by dividing by r).
 
+Targets (``target``):
+
+* ``"candidates"`` (default): step 4 as written; the achieved sparsity is <= ``sparsity`` (every
+  restored candidate lowers it).
+* ``"exact"``: the achieved count equals the requested one exactly — floor(s * in) per row for
+  ``scope="row"``, floor(s * numel) per tensor for ``"layer"``, floor(s * total) over the probed model
+  for ``"global"`` (each tensor gets the count the global score selection at s gives it). Candidates T
+  are chosen at ``candidate_sparsity`` s' >= s (default s + 0.2 (1 - s)); steps 1 and 3 as above; then
+  each group prunes exactly its count of T with the smallest growth G1 / G0 (:func:`growth_key`: an
+  already-zero candidate counts as 0, G0 = 0 as 1 or "grew most"), ties by smaller score, then lower
+  flat index (:func:`select_by_key`, two passes of the exact selection ops). With s' = s it is
+  the plain score selection; tau is not used. A per-row tau tuned to hit the count would pick the same
+  set (the k least-grown), so it is not a separate rule.
+
 Modes:
 
 * ``mode="model"``: one G0 and one G1 pass for all tensors at once (all probed weights need grads).
@@ -20,6 +34,9 @@ Modes:
   layer), since everything before the layer is unchanged: in reverse order the dense inputs of all
   layers come from one no-grad pass; in forward order the next layer's input is the pruned layer's
   output, computed once with no grad.
+* ``mode="regional"``: as ``"layerwise"``, but the loss is block-local (as Wanda++'s regional
+  gradients): L = ||layer_i(h)||_2^2 (fp32) of the decoder layer's output for its cached input h,
+  so each gradient pass runs only that one block forward and backward (no tail, no LM head, no labels).
 
 Gradient statistics are accumulated on the device as gradients arrive (a post-accumulate-grad hook
 calling ``gradprobe::probe_accumulate_``; the ``.grad`` is dropped at once), so at most one gradient
@@ -757,15 +774,21 @@ def probe_prune_(
         batches: calibration token ids: a (n, seqlen) int64 tensor (n batches of one row), a
             (B, batch, seqlen) tensor, or a list of (batch, seqlen) / (seqlen,) tensors. The same
             batches are used for G0 and G1.
-        sparsity: candidate fraction in [0, 1); the achieved sparsity is <= it (restored candidates).
+        sparsity: fraction in [0, 1): the candidate fraction with ``target="candidates"`` (achieved <= it,
+            restored candidates); exactly the pruned fraction with ``target="exact"``.
         method: "wanda" (|W| * ||X_j||_2) or "magnitude" (|W|) candidate scores.
         scope: "row", "layer" (each tensor) or "global" (one group over all probed tensors).
         reduction_factor: r in (0, 1); candidates are scaled by r for the G1 pass.
         gradient_threshold: tau >= 0: a float, a mapping (keys: full parameter name, decoder layer
             index, linear name such as "mlp.down_proj", or "default"; lookup in that order, else 0),
             or :class:`SizeAdaptive` (tau * sqrt(numel / n_ref)).
-        mode: "layerwise" (one decoder layer at a time) or "model" (all tensors in one probe).
-        order: "reverse" (last layer first) or "forward"; layerwise only.
+        mode: "layerwise" (one decoder layer at a time), "model" (all tensors in one probe) or
+            "regional" (one layer at a time, loss = squared norm of that layer's output).
+        order: "reverse" (last layer first) or "forward"; layerwise / regional only.
+        target: "candidates" (prune the candidates whose gradient did not grow) or "exact" (prune
+            exactly the requested count, the least-grown of candidates at ``candidate_sparsity``).
+        candidate_sparsity: s' in [sparsity, 1) for ``target="exact"`` (default s + 0.2 (1 - s));
+            must be None with ``target="candidates"``.
         loss: optional ``loss(logits (batch, seqlen, vocab), input_ids (batch, seqlen)) -> 0-dim``;
             default the model's causal-LM loss ``model(input_ids=b, labels=b).loss``.
         norms: optional Wanda norms, parameter name -> (in_features,) float32.
