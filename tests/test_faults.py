@@ -137,6 +137,7 @@ def test_corrupt_norms_checkpoint_of_global_scope(tmp_path, reference):
     assert all(torch.equal(got[k], v) for k, v in reference["global"].items())
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_run_is_not_mixed_in(tmp_path, reference):
     mine = tmp_path / "mine"
     _interrupted_run(mine)
@@ -241,8 +242,8 @@ def write_events(workspace, tmp_path_factory) -> int:
 
 
 # n-th write event; negative: counted from the last (-1: the final rename)
-ENOSPC_POINTS = [1, pytest.param(2, marks=SLOW), 4, pytest.param(7, marks=SLOW), pytest.param(11, marks=SLOW),
-                 pytest.param(-3, marks=SLOW), -2, pytest.param(-1, marks=SLOW)]
+ENOSPC_POINTS = [1, pytest.param(2, marks=SLOW), pytest.param(4, marks=SLOW), pytest.param(7, marks=SLOW),
+                 pytest.param(11, marks=SLOW), pytest.param(-3, marks=SLOW), -2, pytest.param(-1, marks=SLOW)]
 
 
 @pytest.mark.parametrize("point", ENOSPC_POINTS)
