@@ -225,7 +225,9 @@ def sparsegpt_prune_(
             q = w.masked_fill(mask1[:, i], 0)
             Q1[:, i] = q
             err1 = (w - q) / U1[i, i]
-            W1[:, i:] -= err1.unsqueeze(1).matmul(U1[i, i:].unsqueeze(0))
+            # rank-1 update as a broadcast product: one rounding per entry, bitwise the published
+            # err1.unsqueeze(1).matmul(...) with inner dimension 1, without a GEMM call per column
+            W1[:, i:] -= err1.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             Err1[:, i] = err1
         W[:, i1:i2] = Q1
         W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
