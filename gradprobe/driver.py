@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -410,6 +410,29 @@ class ResumeState:
 # --------------------------------------------------------------------------------------------------
 # the driver
 # --------------------------------------------------------------------------------------------------
+EMBEDDINGS = -1  # LayerProvider group of the input embeddings (needed only by the calibration capture)
+
+
+class LayerProvider(Protocol):
+    """Supplies weights on demand, so the whole model need not be in memory (:mod:`gradprobe.stream`).
+
+    The model given to :class:`LayerwisePruner` may then hold its decoder layers, lm_head and input
+    embeddings on the meta device. Group ``i`` is decoder layer ``i`` for ``0 <= i < num_layers``,
+    lm_head for ``i == num_layers`` (only when pruned) and the input embeddings for
+    ``i == EMBEDDINGS`` (only around the calibration capture). The driver calls ``materialize(i)``
+    before it touches group ``i`` (its dense weights must then be real CPU tensors) and ``release(i)``
+    once the group is finished and its pruned weights are in the resume checkpoint.
+    ``fingerprint`` identifies the source weights in the resume identity (it replaces the dense
+    weights' checksums, which would need every weight in memory).
+    """
+
+    fingerprint: str
+
+    def materialize(self, i: int) -> None: ...
+
+    def release(self, i: int) -> None: ...
+
+
 def _row(
     i: int, name: str, w: torch.Tensor, mask: torch.Tensor, target: float | None, secs: float
 ) -> TensorRow:
@@ -454,8 +477,10 @@ class LayerwisePruner:
         batches: torch.Tensor | None,
         resume_dir: str | os.PathLike | None = None,
         callback: Callable[[int, list[TensorRow]], None] | None = None,
+        layer_provider: LayerProvider | None = None,
     ):
         self.model, self.config, self.callback = model, config, callback
+        self.provider = layer_provider
         self.adapter = get_adapter(model)
         self.layers = self.adapter.decoder_layers(model)
         self.num_layers = len(self.layers)
@@ -484,6 +509,11 @@ class LayerwisePruner:
                         f"structure={config.structure!r} needs in_features divisible by {m}; "
                         f"layer {i} {n} has in_features={lin.in_features}"
                     )
+        if layer_provider is not None and config.scope == "global":
+            raise ValueError(
+                "scope='global' needs every layer's scores at once and cannot stream one layer at a time; "
+                "use scope='row' or 'layer', or prune in memory"
+            )
         if config.scope == "global" and config.mask_fn is not None:
             raise ValueError("PruneConfig.mask_fn is per tensor and cannot be combined with scope='global'")
         self.wanda = config.needs_calibration
@@ -512,13 +542,17 @@ class LayerwisePruner:
                 },
                 "batches_sha256": _batches_digest(self.batches),
             }
+            if layer_provider is not None:  # weights are loaded dense from the source on every materialize
+                identity["source"] = layer_provider.fingerprint
             checksums = {
                 f"{i}.{n}": _sample_checksum(lin.weight)
                 for i, g in self.groups.items()
                 for n, lin in g.items()
+                if layer_provider is None
             }
             self.resume = ResumeState(resume_dir, identity, checksums)
-            self.resume.check_model(self.groups)
+            if layer_provider is None:
+                self.resume.check_model(self.groups)
 
     # -- helpers --------------------------------------------------------------------------------
     def _progress(self, total: int, desc: str):
@@ -544,6 +578,14 @@ class LayerwisePruner:
             mask = self.mask_fn(lin.weight.data, norm, target, ctx)
             rows.append(_row(i, name, lin.weight, mask, target, time.perf_counter() - t0))
         return rows
+
+    def _materialize(self, i: int) -> None:
+        if self.provider is not None:
+            self.provider.materialize(i)
+
+    def _release(self, i: int) -> None:
+        if self.provider is not None:
+            self.provider.release(i)
 
     def _restore(self, i: int) -> None:
         saved = self.resume.tensors("layer", i)
@@ -614,9 +656,11 @@ class LayerwisePruner:
     def _run_sequential(self, layer_seconds: dict[int, float], resumed: list[int]) -> list[TensorRow]:
         dev = torch.device(self.config.device)
         rows: list[TensorRow] = []
-        calib = (
-            capture_calibration(self.model, self.batches, self.config, self.adapter) if self.wanda else None
-        )
+        calib = None
+        if self.wanda:
+            self._materialize(EMBEDDINGS)
+            calib = capture_calibration(self.model, self.batches, self.config, self.adapter)
+            self._release(EMBEDDINGS)
         inps = calib.inputs if calib is not None else None
         outs = torch.empty_like(inps) if inps is not None else None
         bar = self._progress(
@@ -624,6 +668,7 @@ class LayerwisePruner:
         )
         for i, layer in enumerate(self.layers):
             t0 = time.perf_counter()
+            self._materialize(i)
             orig = next(layer.parameters()).device
             layer.to(dev)
             done = self.resume is not None and self.resume.finished(i)
@@ -652,10 +697,12 @@ class LayerwisePruner:
             else:
                 layer_seconds[i] = time.perf_counter() - t0
                 self._finish_layer(i, layer_rows, layer_seconds[i])
+            self._release(i)
             bar.update(1)
         if self.num_layers in self.groups:  # lm_head
             i = self.num_layers
             t0 = time.perf_counter()
+            self._materialize(i)
             if self.resume is not None and self.resume.finished(i):
                 self._restore(i)
                 rows += self.resume.rows(i)
@@ -669,6 +716,7 @@ class LayerwisePruner:
                 rows += head_rows
                 layer_seconds[i] = time.perf_counter() - t0
                 self._finish_layer(i, head_rows, layer_seconds[i])
+            self._release(i)
             bar.update(1)
         bar.close()
         return rows
