@@ -175,6 +175,42 @@ def _run_probe(args, model, batches, config):
                        seconds=time.perf_counter() - t0, model_type=model.config.model_type)
 
 
+def _probe_checkpointed(args, model, batches, config, directory):
+    """:func:`_run_probe`, with its result checkpointed in ``directory`` (checksummed, per decoder layer)
+    so that a failure after the probe (evaluation, a full disk at save time) loses nothing: the rerun
+    restores the pruned weights instead of probing again. A partial checkpoint is redone whole (the
+    probe itself does not resume mid-way)."""
+    from collections import defaultdict
+
+    from gradprobe.driver import ResumeState
+    from gradprobe.report import PruneReport
+
+    shapes = {n: list(p.shape) for n, p in model.named_parameters()}
+    state = ResumeState(directory, {"probe result of": model.config.model_type, "shapes": shapes}, {})
+    layers = sorted(state.state["finished"], key=int)
+    if layers and all(state.finished(int(i)) for i in layers) and state.state.get("complete"):
+        import torch
+
+        rows = []
+        with torch.no_grad():
+            for i in layers:
+                for name, t in state.tensors("layer", int(i)).items():
+                    model.get_parameter(name).data.copy_(t)
+                rows += state.rows(int(i))
+        return PruneReport(rows=rows, config=config, nsamples=int(batches.shape[0]), seqlen=int(batches.shape[-1]),
+                           model_type=model.config.model_type, resumed_layers=[int(i) for i in layers])
+    report = _run_probe(args, model, batches, config)
+    by_layer = defaultdict(list)
+    for r in report.rows:
+        by_layer[r.layer].append(r)
+    state.state["finished"], state.state["complete"] = {}, False
+    for i, rows in sorted(by_layer.items()):
+        state.mark("layer", i, {r.name: model.get_parameter(r.name) for r in rows}, rows, 0.0)
+    state.state["complete"] = True
+    state.flush()
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradprobe", description="Exact, fast pruning of LLM linear layers."
@@ -486,7 +522,7 @@ def cmd_prune(args) -> int:
     config, alloc = allocation.config_from_cli(args, config, model, batches)
     try:
         if args.probe:
-            report = _run_probe(args, model, batches, config)
+            report = _probe_checkpointed(args, model, batches, config, partial / "probe")
         else:
             report = prune(model, batches, config, resume_dir=partial / "checkpoint")
     except KeyboardInterrupt:

@@ -330,3 +330,32 @@ def test_kill_9_at_a_random_point(workspace, tmp_path, cli_reference, write_even
 def test_kill_9_at_every_write_event(workspace, tmp_path, cli_reference, write_events):
     for n in range(1, write_events + 1):
         _kill_case(workspace, tmp_path, cli_reference, n, write_events)
+
+
+def test_probe_result_survives_a_full_disk_at_save(monkeypatch, workspace, tmp_path, capsys):
+    """The probe has no per-layer resume, so its result is checkpointed before anything that can fail
+    after it; the rerun restores it instead of probing again."""
+    model_dir, text = workspace
+    argv = _argv(model_dir, text, tmp_path / "out", "--probe", "--gradient-threshold", "0.05")
+    ref_out = tmp_path / "ref"
+    assert cli.main(_argv(model_dir, text, ref_out, "--probe", "--gradient-threshold", "0.05")) == 0
+    real_save = io.save_pruned
+
+    def full_disk(*a, **k):
+        k["extra_files"] = lambda stage: _enospc()
+        return real_save(*a, **k)
+
+    monkeypatch.setattr(io, "save_pruned", full_disk)
+    assert cli.main(argv) == 1
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(io, "save_pruned", real_save)
+    monkeypatch.setattr(gradprobe.probe, "probe_prune_", lambda *a, **k: pytest.fail("probed again"))
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert "restored from the checkpoint" in capsys.readouterr().out
+    a = _weights(AutoModelForCausalLM.from_pretrained(ref_out))
+    b = _weights(AutoModelForCausalLM.from_pretrained(tmp_path / "out"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra = json.loads((ref_out / "prune_report.json").read_text())["totals"]
+    rb = json.loads((tmp_path / "out" / "prune_report.json").read_text())["totals"]
+    assert (ra["pruned"], ra["params"]) == (rb["pruned"], rb["params"])
