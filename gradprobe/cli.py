@@ -289,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="continue an interrupted run with the same settings (default); --no-resume starts over",
     )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="models larger than memory: read one decoder layer at a time from the --model DIR safetensors "
+        "shards and write the output shard by shard (no perplexity; not with --probe, --scope global, OWL)",
+    )
 
     e = sub.add_parser(
         "eval", help="perplexity of a causal LM", description="Perplexity with a fixed context and stride."
@@ -452,6 +458,12 @@ def cmd_prune(args) -> int:
     sizes = _resolve_defaults(args)
     config = _make_config(args, sizes)
     _check_probe_args(args)
+    from gradprobe import stream
+
+    try:
+        stream.check_cli_args(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     from gradprobe import allocation  # issue 7
 
     try:
@@ -484,6 +496,8 @@ def cmd_prune(args) -> int:
             )
         if not discard:
             print(f"resuming the interrupted run in {partial}", flush=True)
+    if args.stream:
+        return stream.cmd_prune(args, config, sizes, out, partial, settings, discard, t0)
 
     model, tokenizer = _load(args)
     from gradprobe.models import get_adapter

@@ -413,4 +413,106 @@ def prune_streamed(
     return report
 
 
+# --------------------------------------------------------------------------------------------------
+# CLI glue (``gradprobe prune --stream``): called from gradprobe/cli.py after its common checks
+# --------------------------------------------------------------------------------------------------
+def check_cli_args(args: Any) -> None:
+    """ValueError naming the option that ``--stream`` cannot honour (before anything is loaded)."""
+    if not getattr(args, "stream", False):
+        return
+    from gradprobe.preflight import check_packages
+
+    check_packages([("accelerate", "accelerate", "--stream (the meta-device model skeleton)")])
+    if args.model is None or not Path(args.model).expanduser().is_dir():
+        raise ValueError("--stream reads a local checkpoint directory: give --model DIR (safetensors weights)")
+    if args.probe:
+        raise ValueError("--stream cannot be combined with --probe (the probe back-propagates through the whole "
+                         "model); prune in memory")
+    if args.scope == "global":
+        raise ValueError("--stream cannot be combined with --scope global (it needs every layer's scores at once); "
+                         "use --scope row or layer")
+    if getattr(args, "allocation", "uniform") in ("owl", "owl-rescaled"):
+        raise ValueError(f"--stream cannot be combined with --allocation {args.allocation} (its layer ratios need "
+                         "every layer's outliers first); use uniform, variant or explicit")
+    given = [f"--{k.replace('_', '-')}" for k in ("eval_source", "eval_context", "eval_stride", "eval_windows")
+             if getattr(args, k, None) is not None]
+    if given and not args.no_eval:
+        raise ValueError(f"--stream does not evaluate perplexity (it needs the whole model in memory); drop "
+                         f"{', '.join(given)} or run `gradprobe eval --model OUT` afterwards")
+
+
+def cmd_prune(args: Any, config: PruneConfig, sizes: dict, out: Path, partial: Path, settings: dict,
+              discard: bool, t0: float) -> int:
+    """``gradprobe prune --stream``: the CLI's checks have passed; returns the exit code."""
+    import sys
+    import time
+
+    from transformers import AutoTokenizer
+
+    from gradprobe import allocation, data, io, preflight
+    from gradprobe.cli import UsageError, _run_record
+
+    try:
+        source = SourceCheckpoint(args.model)
+        skeleton, _ = build_skeleton(source, args.dtype)
+    except ValueError as exc:
+        raise UsageError(f"--model: {exc}") from None
+    print(f"model: {source.dir} (streamed, {len(source.shards)} shard(s), "
+          f"{sum(e.end - e.begin for e in source.entries.values()) / 2**30:.2f} GiB, {skeleton.dtype})", flush=True)
+    batches, calibration = None, None
+    calib_line = "calibration: none (magnitude pruning uses no activations)"
+    if config.needs_calibration:
+        tokenizer = AutoTokenizer.from_pretrained(source.dir)
+        batches = data.calibration_batches(
+            tokenizer, args.calib, nsamples=sizes["nsamples"], seqlen=sizes["seqlen"], seed=args.seed
+        )
+        calibration = {"source": data.describe_source(args.calib), "nsamples": sizes["nsamples"],
+                       "seqlen": sizes["seqlen"], "seed": args.seed}
+        calib_line = (f"calibration: {data.describe_source(args.calib)}, {sizes['nsamples']} windows x "
+                      f"{sizes['seqlen']} tokens (seed {args.seed})")
+    print(calib_line, flush=True)
+    if not args.no_eval:
+        print(f"perplexity: skipped with --stream (it needs the whole model); run `gradprobe eval --model {out}`",
+              flush=True)
+    if discard:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    preflight.write_json_atomic(partial / "settings.json", settings)
+    config, alloc = allocation.config_from_cli(args, config, skeleton, batches)
+    del skeleton
+
+    def save(ckpt, tokenizer, out_dir, report, **kw):
+        summary = {"model": str(source.dir), "stream": True, "config": config.fingerprint() | {"device": config.device},
+                   "calibration": calibration, "eval": None, "sparsity": report.sparsity}
+        report.run = _run_record(args, config, report, calibration)
+        summary |= {k: report.run[k] for k in ("command", "method", "probe", "allocation", "versions", "arguments")}
+        summary["seconds"] = time.perf_counter() - t0
+
+        def allocation_files(stage):
+            from gradprobe.report import optional_plot
+
+            a = alloc or allocation.report_allocation(report, args.allocation, report.config.sparsity)
+            (stage / "allocation.md").write_text(a.table() + "\n")
+            if not args.no_plot:
+                optional_plot(a.save_plot, stage / "allocation.png")
+
+        return io.save_pruned(ckpt, tokenizer, out_dir, report, extra_json=summary, extra_files=allocation_files,
+                              plots=not args.no_plot, **kw)
+
+    try:
+        report = prune_streamed(source.dir, out, config, batches, dtype=args.dtype, overwrite=args.overwrite,
+                                save=save)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; rerun the same command to resume from the last finished layer ({partial})",
+              file=sys.stderr)
+        return 130
+    print(f"pruned {report.total_pruned:,} of {report.total_params:,} weights ({report.sparsity:.2%}) in "
+          f"{report.seconds:.1f} s", flush=True)
+    if report.resumed_layers:
+        print(f"restored from the checkpoint: layers {report.resumed_layers}", flush=True)
+    print(f"saved to {out} (the source's shards and index, prune_report.md/.json, gradprobe_run.json) in "
+          f"{time.perf_counter() - t0:.1f} s total")
+    return 0
+
+
 __all__ = ["LM_HEAD", "SourceCheckpoint", "StreamedCheckpoint", "StreamedWeights", "build_skeleton", "prune_streamed"]
