@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from gradprobe.allocation import split_count
 from gradprobe.config import parse_structure
 from gradprobe.select import check_sparsity, check_weight, num_pruned
 from gradprobe.stats import HessianStats
@@ -125,12 +126,6 @@ def inverse_cholesky(hessian: torch.Tensor, percdamp: float = 0.01) -> tuple[tor
     return L, dead
 
 
-def _split(count: int, widths: list[int]) -> list[int]:
-    from gradprobe.allocation import split_count
-
-    return split_count(count, widths)
-
-
 def sparsegpt_prune_(
     weight: torch.Tensor,
     hessian: torch.Tensor | HessianStats,
@@ -192,9 +187,9 @@ def sparsegpt_prune_(
     widths = [min(cols, b + blocksize) - b for b in starts]
     if nm is None and scope == "row":
         a, r = divmod(k, rows)
-        per_block = [_split(a, widths), _split(a + 1, widths) if r else None]
+        per_block = [split_count(a, widths), split_count(a + 1, widths) if r else None]
     elif nm is None:
-        per_block = [_split(k, [rows * w for w in widths])]
+        per_block = [split_count(k, [rows * w for w in widths])]
 
     W = weight.detach().float().clone()
     W[:, dead] = 0
