@@ -540,7 +540,10 @@ def dense_norms(
     inps, outs = calib.inputs, torch.empty_like(calib.inputs)
     out: dict[tuple[int, str], torch.Tensor] = {}
     dev = torch.device(config.device)
-    for i, layer in enumerate(ad.decoder_layers(model)):
+    from tqdm.auto import tqdm
+
+    layers = ad.decoder_layers(model)
+    for i, layer in enumerate(tqdm(layers, desc="dense norms", unit="layer", disable=not config.progress)):
         orig = next(layer.parameters()).device
         layer.to(dev)
         lins = ad.prunable_linears(layer)
