@@ -4,6 +4,7 @@ compressed-tensors sparse-24-bitmask compressor, exact round trips, the scores p
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +23,22 @@ DTYPES16 = [torch.float16, torch.bfloat16]
 ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 CUTLASS_SHAPES = [(32, 32), (64, 96), (96, 160), (32, 4096), (32, 11008)]  # + Llama in_features
 BITMASK_SHAPES = [(1, 4), (3, 12), (5, 20), (7, 36), (33, 4096), (16, 11008)]
-HAS_CT = importlib.util.find_spec("compressed_tensors") is not None
+CT_BITMASK = ("compressors", "sparse_compressors", "sparse_24_bitmask.py")
+
+
+def _has_ct_bitmask() -> bool:
+    """Whether the installed compressed-tensors ships the 2:4 bitmask compressor module (found on
+    disk without importing the package; releases after 0.14.0, e.g. llm-compressor's pin 0.19.0, drop it)."""
+    spec = importlib.util.find_spec("compressed_tensors")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any(Path(loc).joinpath(*CT_BITMASK).is_file() for loc in spec.submodule_search_locations)
+
+
 needs_ct = pytest.mark.skipif(
-    not HAS_CT, reason="compressed-tensors not installed (pip install 'gradprobe[test]'; 0.14.0 ships the 2:4 compressor)"
+    not _has_ct_bitmask(),
+    reason="compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask not available "
+    "(compressed-tensors==0.14.0 ships it: pip install --no-deps compressed-tensors==0.14.0)",
 )
 
 
