@@ -23,6 +23,7 @@ import datetime
 import platform
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,7 +52,9 @@ def _prune(model, batches, target: str, **kw) -> float:
         kw["structure"] = target
     else:
         kw["sparsity"] = float(target)
-    rep = gradprobe.prune(model, batches, nsamples=batches.shape[0], seqlen=batches.shape[1], progress=False, **kw)
+    if batches is not None:
+        kw.update(nsamples=batches.shape[0], seqlen=batches.shape[1])
+    rep = gradprobe.prune(model, batches, progress=False, **kw)
     return rep.sparsity
 
 
@@ -87,6 +90,7 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--out", type=Path, default=OUT / "quality_table")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense row (e.g. a run over other --targets has it)")
     ap.add_argument("--merge", nargs="+", type=Path, metavar="CSV",
                     help="no pruning: render one table from the CSVs of runs over different --targets")
     args = ap.parse_args()
@@ -94,7 +98,8 @@ def main() -> None:
         rows = []
         for path in args.merge:
             with open(path, newline="") as f:
-                rows += [r for r in csv.DictReader(f) if r["method"] != "dense" or not rows]
+                rows += [r for r in csv.DictReader(f) if r["method"] != "dense" or not any(
+                    q["method"] == "dense" for q in rows)]
         _write(args, rows)
         return
     torch.manual_seed(0)
@@ -108,8 +113,9 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     csv_path = args.out.with_suffix(".csv")
-    rows: list[dict] = [{"target": "dense", "method": "dense", "achieved_sparsity": 0.0, "perplexity": ppl(),
-                         "vs_wanda_pct": "", "prune_s": 0.0, "note": ""}]
+    rows: list[dict] = [] if args.no_dense else [
+        {"target": "dense", "method": "dense", "achieved_sparsity": 0.0, "perplexity": ppl(), "vs_wanda_pct": "",
+         "prune_s": 0.0, "note": ""}]
 
     def flush() -> None:
         with open(csv_path, "w", newline="") as f:
@@ -117,7 +123,7 @@ def main() -> None:
             w.writeheader()
             w.writerows(rows)
 
-    print(rows[-1], flush=True)
+    print(rows, flush=True)
     for target in args.targets:
         wanda = None
         for name in args.methods:
@@ -128,7 +134,14 @@ def main() -> None:
             else:
                 model.load_state_dict(dense)
                 t0 = time.perf_counter()
-                row["achieved_sparsity"] = METHODS[name](model, batches, target)
+                try:
+                    row["achieved_sparsity"] = METHODS[name](model, batches, target)
+                except Exception as exc:  # one failing method must not lose the rest of the table
+                    traceback.print_exc()
+                    row["note"] = f"error: {type(exc).__name__}: {exc}"[:200]
+                    rows.append(row)
+                    flush()
+                    continue
                 row["prune_s"] = round(time.perf_counter() - t0, 1)
                 row["perplexity"] = ppl()
                 if name == "Wanda":
