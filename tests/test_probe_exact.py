@@ -127,6 +127,7 @@ def test_exact_is_deterministic_and_differs_from_wanda(batches, mode):
     assert any(not torch.equal(weights(wanda)[n] == 0, ma[n]) for n in ma)  # the growth key changed the choice
 
 
+@pytest.mark.slow
 def test_regional_equals_block_loss_reference_and_needs_one_layer(batches, monkeypatch):
     """mode="regional": G0 = max_b |d ||block_i(h_b)||^2 / dW| with h_b the dense input of layer i;
     each gradient pass runs only that block and only that layer's linears require grad."""
