@@ -351,6 +351,7 @@ def prune_streamed(
     overwrite: bool = False,
     resume: bool = True,
     callback: Callable[[int, list[TensorRow]], None] | None = None,
+    plots: bool = True,
     save: Callable[..., Path] | None = None,
 ) -> PruneReport:
     """Prune the checkpoint in ``model_dir`` into ``out_dir`` with one decoder layer in memory at a time.
@@ -372,6 +373,7 @@ def prune_streamed(
         resume: continue an interrupted run from the checkpoints in ``io.partial_dir(out_dir)``
             (verified by their sha256; a run with other settings there is an error); False discards them.
         callback: ``callback(layer_idx, rows)`` after each finished layer.
+        plots: write the report's PNG plots (needs matplotlib).
         save: the saver (default :func:`gradprobe.io.save_pruned`), called as ``save(checkpoint,
             None, out_dir, report, overwrite=..., staging=...)``; the CLI adds its run record here.
 
@@ -408,7 +410,10 @@ def prune_streamed(
     stored = {e.name: ST_DTYPES[e.dtype] for e in source.entries.values()}
     dtype_changed = any(stored[k] != v.dtype for k, v in model.state_dict().items() if k in stored)
     ckpt = StreamedCheckpoint(source, model, pruner.resume, pruned, dtype_changed)
-    (save or io.save_pruned)(ckpt, None, out, report, overwrite=overwrite, staging=partial / "model")
+    if save is None:
+        io.save_pruned(ckpt, None, out, report, overwrite=overwrite, staging=partial / "model", plots=plots)
+    else:
+        save(ckpt, None, out, report, overwrite=overwrite, staging=partial / "model")
     shutil.rmtree(partial, ignore_errors=True)
     return report
 
