@@ -279,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip the dense and pruned perplexity")
     p.add_argument(
+        "--dist-timeout", type=_positive_int, default=1800, metavar="S",
+        help="under torchrun: seconds a rank waits for the others at a collective before all exit with an error",
+    )
+    p.add_argument(
         "--no-plot", action="store_true", help="write no PNG plots (then matplotlib is not needed)"
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created atomically)")
@@ -450,7 +454,9 @@ def cmd_prune(args) -> int:
     from gradprobe import data, io
 
     t0 = time.perf_counter()
-    args.device = args.device or _default_device()
+    from gradprobe import distributed
+
+    args.device = distributed.rank_device(args.device or _default_device())  # cuda -> cuda:LOCAL_RANK
     _check_device(args.device)
     _check_model_arg(args.model)
     _check_source(args.calib, "--calib")
@@ -522,15 +528,18 @@ def cmd_prune(args) -> int:
     print(calib_line, flush=True)
 
     dense = None
-    if not args.no_eval:
+    evaluate = not args.no_eval and distributed.is_writer()  # ranks > 0 only help prune
+    if evaluate:
         ids = data.eval_ids(tokenizer, args.eval_source)
         dense = _evaluate(model, ids, sizes, args.device, "dense")
         print(_eval_line(args.eval_source, dense), flush=True)
 
-    if discard:
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    preflight.write_json_atomic(run_file, settings)
+    if distributed.is_writer():  # under torchrun only rank 0 writes; the others read its checkpoints
+        if discard:
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        preflight.write_json_atomic(run_file, settings)
+    distributed.barrier()
     from gradprobe.api import prune
 
     config, alloc = allocation.config_from_cli(args, config, model, batches)
@@ -554,7 +563,7 @@ def cmd_prune(args) -> int:
         print(f"restored from the checkpoint: layers {report.resumed_layers}", flush=True)
 
     pruned = None
-    if not args.no_eval:
+    if evaluate:
         pruned = _evaluate(model, ids, sizes, args.device, "pruned")
 
     summary = {
@@ -590,11 +599,15 @@ def cmd_prune(args) -> int:
         if not args.no_plot:
             optional_plot(a.save_plot, stage / "allocation.png")
 
+    if not distributed.is_writer():
+        distributed.barrier()  # rank 0 saves; its failure to save reaches this rank here
+        return 0
     io.save_pruned(
         model, tokenizer, out, report, overwrite=args.overwrite, staging=partial / "model", extra_json=summary,
         extra_files=allocation_files, plots=not args.no_plot,
     )
     shutil.rmtree(partial, ignore_errors=True)
+    distributed.barrier()
 
     print("", flush=True)
     print(
@@ -695,10 +708,19 @@ def main(argv: list[str] | None = None) -> int:
 
         return env_main([])
     command = {"prune": cmd_prune, "eval": cmd_eval}[args.command]
+    from gradprobe import distributed
+
+    group = False
     with _LineGuard():
         try:
             args.argv = list(sys.argv[1:] if argv is None else argv)
-            return command(args)
+            if args.command == "prune":  # under torchrun: NCCL on CUDA, gloo on the CPU
+                group = distributed.init_from_env(args.dist_timeout, args.device or _default_device())
+            with distributed.guard():
+                return command(args)
+        except distributed.RankFailedError as exc:
+            print(f"gradprobe {args.command}: error: {exc}", file=sys.stderr)
+            return 1
         except UsageError as exc:
             parser.print_usage(sys.stderr)
             print(f"gradprobe {args.command}: error: {exc}", file=sys.stderr)
@@ -714,6 +736,9 @@ def main(argv: list[str] | None = None) -> int:
                           "rerun the same command to resume", file=sys.stderr)
                 return 1
             raise
+        finally:
+            if group:
+                distributed.shutdown()
 
 
 def io_partial(args) -> Path | None:

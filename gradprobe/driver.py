@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from gradprobe import distributed
 from gradprobe.config import PruneConfig
 from gradprobe.models import ModelAdapter, get_adapter
 from gradprobe.report import PruneReport, TensorRow
@@ -126,8 +127,10 @@ def capture_calibration(
     """Embed ``batches`` (nsamples, seqlen) int64 into the layer-0 inputs on ``config.device``.
 
     Only the embedding runs (on its own device); the result is (nsamples, seqlen, hidden) in the
-    embedding's dtype.
+    embedding's dtype. Under ``torch.distributed`` only this rank's samples
+    (:func:`gradprobe.distributed.sample_range`) are embedded: nsamples is then the local count.
     """
+    batches = distributed.local_slice(batches)
     adapter = adapter or get_adapter(model)
     embed = adapter.embed(model)
     dev = torch.device(config.device)
@@ -367,9 +370,12 @@ class ResumeState:
     ) -> None:
         from safetensors.torch import save_file
 
+        record = {"kind": kind, "rows": [r.to_dict() for r in rows], "seconds": seconds}
+        if not distributed.is_writer():  # rank 0 writes; the others keep the same state in memory
+            self.state["finished"][str(i)] = record
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        record = {"kind": kind, "rows": [r.to_dict() for r in rows], "seconds": seconds}
         meta = {
             "gradprobe_identity": self.identity_digest,
             "gradprobe_record": json.dumps(record),
@@ -383,6 +389,8 @@ class ResumeState:
         self.flush()
 
     def flush(self) -> None:
+        if not distributed.is_writer():
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         body = {k: v for k, v in self.state.items() if k != "sha256"}
         self.state = body | {"sha256": _json_digest(body)}
@@ -526,6 +534,12 @@ class LayerwisePruner:
         self.batches = batches if self.wanda else None
         self.mask_fn = config.mask_fn or default_mask_fn
         self.hessian = config.method == "sparsegpt"
+        if self.hessian and distributed.active():
+            raise ValueError(
+                "method='sparsegpt' is not supported with several processes (torch.distributed): its "
+                "in_features^2 Hessian sum depends on the summation order, so masks would differ between "
+                "world sizes; run it in one process"
+            )
         if self.hessian and config.mask_fn is None:
             from gradprobe.sparsegpt import SparseGPTMaskFn
 
@@ -563,7 +577,7 @@ class LayerwisePruner:
     def _prune_group(
         self, i: int, norms: dict[str, torch.Tensor] | None, stats: dict[str, ChannelStats] | None
     ) -> list[TensorRow]:
-        rows = []
+        rows, masks = [], []
         for name, lin in self.groups[i].items():
             target = self.targets[(i, name)]
             norm = None if norms is None else norms[name].to(lin.weight.device)
@@ -577,6 +591,9 @@ class LayerwisePruner:
             t0 = time.perf_counter()
             mask = self.mask_fn(lin.weight.data, norm, target, ctx)
             rows.append(_row(i, name, lin.weight, mask, target, time.perf_counter() - t0))
+            if distributed.active():
+                masks.append(mask)
+        distributed.agree(f"masks of layer {i}", distributed.masks_digest(masks))  # before anything is written
         return rows
 
     def _materialize(self, i: int) -> None:
@@ -622,6 +639,7 @@ class LayerwisePruner:
             st.add(x)
             if st.hessian is not None:
                 st.hessian.add(x)
+        st.all_reduce()
         fnorm.to(orig)
         return {LM_HEAD: st}
 
@@ -635,10 +653,12 @@ class LayerwisePruner:
         layer_seconds: dict[int, float] = {}
         resumed: list[int] = []
         try:
-            if self.config.scope == "global":
-                rows = self._run_global(layer_seconds, resumed)
-            else:
-                rows = self._run_sequential(layer_seconds, resumed)
+            with distributed.guard():  # an error on one rank stops every rank
+                if self.config.scope == "global":
+                    rows = self._run_global(layer_seconds, resumed)
+                else:
+                    rows = self._run_sequential(layer_seconds, resumed)
+                distributed.barrier()
         finally:
             self.model.train(was_training)
         n, L = tuple(self.batches.shape) if self.batches is not None else (0, 0)
@@ -671,7 +691,7 @@ class LayerwisePruner:
             self._materialize(i)
             orig = next(layer.parameters()).device
             layer.to(dev)
-            done = self.resume is not None and self.resume.finished(i)
+            done = self.resume is not None and distributed.all_true(self.resume.finished(i))
             if done:
                 self._restore(i)
                 layer_rows = self.resume.rows(i)
@@ -703,7 +723,7 @@ class LayerwisePruner:
             i = self.num_layers
             t0 = time.perf_counter()
             self._materialize(i)
-            if self.resume is not None and self.resume.finished(i):
+            if self.resume is not None and distributed.all_true(self.resume.finished(i)):
                 self._restore(i)
                 rows += self.resume.rows(i)
                 resumed.append(i)
@@ -732,7 +752,8 @@ class LayerwisePruner:
                 t0 = time.perf_counter()
                 orig = next(layer.parameters()).device
                 layer.to(dev)
-                if self.resume is not None and self.resume.finished(i):
+                done = self.resume is not None and distributed.all_true(self.resume.finished(i))
+                if done:
                     norms = self.resume.tensors("norms", i)
                     calib.run_layer(layer, i, inps, outs)
                     resumed.append(i)
@@ -746,7 +767,7 @@ class LayerwisePruner:
                 for name, v in norms.items():
                     all_norms[(i, name)] = v
                 layer_seconds[i] = time.perf_counter() - t0
-                if not (self.resume is not None and self.resume.finished(i)):
+                if not done:
                     self._finish_layer(i, [], layer_seconds[i], kind="norms", tensors=norms)
                 bar.update(1)
             if self.num_layers in self.groups:
@@ -763,6 +784,8 @@ class LayerwisePruner:
         t0 = time.perf_counter()
         masks = global_prune_(weights, self.config.sparsity, norms=norms)
         secs = time.perf_counter() - t0
+        if distributed.active():
+            distributed.agree("global masks", distributed.masks_digest(masks))
         total = sum(w.numel() for w in weights)
         return [
             _row(i, n, w, m, self.config.sparsity, secs * w.numel() / total)

@@ -152,7 +152,7 @@ def read_json_checked(path: Path) -> Any:
 
 # argparse destinations that do not change the pruned weights (a rerun may change them and resume)
 NOT_RESULT = frozenset({
-    "command", "out", "overwrite", "resume", "no_eval", "no_plot", "json", "device",
+    "command", "out", "overwrite", "resume", "no_eval", "no_plot", "json", "device", "dist_timeout",
     "eval_source", "eval_context", "eval_stride", "eval_windows", "eval_tasks", "tasks",
 })
 

@@ -66,6 +66,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from gradprobe import distributed
 from gradprobe.select import check_sparsity, global_prune_masks, num_pruned, prune_mask
 from gradprobe.stats import sum_of_squares
 
@@ -401,22 +402,37 @@ class _NormCollector:
 
     def __init__(self, targets: Sequence[_Target]):
         self.sums: dict[str, torch.Tensor] = {}
+        self.parts: dict[str, list[torch.Tensor]] = {}  # under torch.distributed: per-batch partials
         self.handles = [t.module.register_forward_hook(self._hook(t.name)) for t in targets]
+        self.result: dict[str, torch.Tensor] | None = None
 
     def _hook(self, name: str):
         def hook(mod, args, out):
             s = sum_of_squares(args[0].detach())
-            if name in self.sums:
+            if distributed.active():
+                self.parts.setdefault(name, []).append(s)
+            elif name in self.sums:
                 self.sums[name] += s
             else:
                 self.sums[name] = s
 
         return hook
 
-    def remove(self) -> dict[str, torch.Tensor]:
+    def close(self) -> None:
+        """Remove the hooks (safe on an error path: no collective)."""
         for h in self.handles:
             h.remove()
-        return {n: s.sqrt() for n, s in self.sums.items()}
+        self.handles = []
+
+    def remove(self) -> dict[str, torch.Tensor]:
+        """Remove the hooks; {name: ||X_j||_2}. Across ranks: the per-batch partials summed in global batch
+        order, as one process sums them. Idempotent (the result is computed once)."""
+        self.close()
+        if self.result is None:
+            for name, parts in self.parts.items():
+                self.sums[name] = distributed.ordered_sum(distributed.gather_rows(torch.stack(parts)))
+            self.result = {n: s.sqrt() for n, s in self.sums.items()}
+        return self.result
 
 
 def _default_loss(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -500,7 +516,7 @@ class _Runner:
         missing = [i for i, p in enumerate(params) if id(p) not in acc]
         if missing:
             raise RuntimeError(f"{len(missing)} probed tensors received no gradient; does the loss depend on them?")
-        return [acc[id(p)] for p in params]
+        return [distributed.all_max_(acc[id(p)]) for p in params]  # the max over every rank's batches
 
 
 @dataclass(frozen=True)
@@ -587,7 +603,21 @@ def probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spar
     """Run the gradient probe and prune in place; returns the :class:`ProbeResult` (masks + cache).
 
     Arguments, defaults and errors: exactly those of :func:`probe_prune_` (``options`` are its keywords).
+    Under ``torch.distributed`` the batches are split over the ranks (contiguous shares), G0 / G1 are
+    max-reduced and the norms summed in batch order across ranks: every rank gets the masks one process
+    gets, checked by a digest before returning.
     """
+    with distributed.guard():
+        result = _probe(model, batches, sparsity, **options)
+        if distributed.active():
+            masks = result.masks
+            distributed.agree("probe masks", distributed.masks_digest(masks[k] for k in sorted(masks)))
+        distributed.barrier()
+    return result
+
+
+def _probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], sparsity: float,
+           **options: Any) -> ProbeResult:
     a = _probe_arguments(model, batches, sparsity, options)
     sparsity, r, threshold, batch_list = a["sparsity"], a["reduction_factor"], a["gradient_threshold"], a["batches"]
     method, scope, mode, order, norms, layers = a["method"], a["scope"], a["mode"], a["order"], a["norms"], a["layers"]
@@ -612,7 +642,10 @@ def probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spar
         check_token_ids(b, getattr(model.config, "vocab_size", None), f"batches[{i}]")
     n_max = max(t.param.numel() for t in all_targets)
     device = all_targets[0].param.device
-    batch_list = [b.to(device=device, dtype=torch.int64) for b in batch_list]
+    if len(batch_list) < distributed.world_size():
+        raise ValueError(f"batches: {len(batch_list)} batches for {distributed.world_size()} processes; give at least "
+                         "one batch per process (torch.distributed rank)")
+    batch_list = [b.to(device=device, dtype=torch.int64) for b in distributed.local_items(batch_list)]
 
     # target="exact": candidates at s' = candidate_sparsity, exactly floor(s * n) of them pruned
     exact = sparsity if a["target"] == "exact" else None
@@ -645,7 +678,7 @@ def probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spar
                 tensors = _probe_group(runner, all_targets, lambda i: runner.full_loss(batch_list[i]), cands, r, threshold, n_max)
             finally:
                 if collector is not None:
-                    collector.remove()
+                    collector.close()
         else:
             tensors = _probe_layerwise(runner, groups, batch_list, cand_s, method, scope, order, norms, r, threshold,
                                        n_max, a["progress"], exact=exact, regional=mode == "regional")
@@ -684,8 +717,9 @@ def _capture_inputs(runner: _Runner, batch_list, layer_ids: set[int], collect_no
     finally:
         for h in handles:
             h.remove()
-        norms = collector.remove() if collector is not None else {}
-    return store, norms
+        if collector is not None:
+            collector.close()
+    return store, collector.remove() if collector is not None else {}
 
 
 def _undo(runner: _Runner) -> None:
@@ -736,7 +770,7 @@ def _probe_layerwise(runner, groups, batch_list, sparsity, method, scope, order,
             tensors.update(_probe_group(runner, targets, loss_of_batch, cands, r, threshold, n_max))
         finally:
             if collector is not None:
-                collector.remove()
+                collector.close()
         if order == "forward" and pos + 1 < len(seq):
             nxt = seq[pos + 1]
             with torch.no_grad():

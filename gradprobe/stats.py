@@ -18,11 +18,22 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from gradprobe import distributed
+
 
 def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
     """Per-channel fp32 sum of squares of x (..., in) over all leading dims -> (in,) float32."""
     xf = x.reshape(-1, x.shape[-1]).float()
     return (xf * xf).sum(dim=0)
+
+
+def sample_sums_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample partials: x (..., seqlen, in) -> (samples, in) float32, row s = :func:`sum_of_squares`
+    of sample s alone (its own reduction, whatever batch it rides in); a 2-D x is one sample."""
+    if x.dim() <= 2:
+        return sum_of_squares(x)[None]
+    xs = x.reshape(-1, x.shape[-2], x.shape[-1])
+    return torch.stack([sum_of_squares(s) for s in xs])
 
 
 class HessianStats:
@@ -58,11 +69,32 @@ class ChannelStats:
         self.sumsq = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.tokens = 0
         self.hessian: HessianStats | None = None
+        self._parts: list[torch.Tensor] = []  # under torch.distributed: this rank's per-sample partials
 
     def add(self, x: torch.Tensor, sq: torch.Tensor | None = None) -> None:
-        """Accumulate x (..., in_features); ``sq`` = precomputed :func:`sum_of_squares` (x)."""
-        self.sumsq += sum_of_squares(x) if sq is None else sq
+        """Accumulate x (..., in_features); ``sq`` = precomputed :func:`sample_sums_of_squares` (x).
+
+        ``sumsq`` is the fp32 sum of the per-sample partials, added one at a time in sample order (the
+        definition every world size shares, see :mod:`gradprobe.distributed`)."""
+        sq = sample_sums_of_squares(x) if sq is None else sq
+        if sq.dim() == 1:  # one (in_features,) partial: a single sample
+            sq = sq[None]
+        if distributed.active():
+            self._parts.append(sq)
+        else:
+            distributed.ordered_sum(sq, self.sumsq)
         self.tokens += x.numel() // x.shape[-1]
+
+    def all_reduce(self) -> None:
+        """Combine the ranks' partials into ``sumsq`` / ``tokens`` in global sample order (every rank the
+        same result, equal to one process's); no-op without a process group. Call once, after the
+        last :meth:`add`."""
+        if not distributed.active():
+            return
+        local = torch.cat(self._parts) if self._parts else self.sumsq.new_zeros((0, self.sumsq.shape[0]))
+        self._parts = []
+        self.sumsq = distributed.ordered_sum(distributed.gather_rows(local))
+        self.tokens = distributed.all_sum_int(self.tokens)
 
     def norm(self) -> torch.Tensor:
         """||X_j||_2 = sqrt(sum of squares), (in_features,) float32."""
@@ -97,7 +129,7 @@ class LayerStats:
             if self._last is not None and self._last[0] is x:
                 sq, owner = self._last[1], self._last[2]
             else:
-                sq, owner = sum_of_squares(x), name
+                sq, owner = sample_sums_of_squares(x), name
                 self._last = (x, sq, name)
             st = self.stats[name]
             st.add(x, sq)
@@ -116,11 +148,19 @@ class LayerStats:
             self._handles.append(lin.register_forward_pre_hook(self._hook(name), with_kwargs=True))
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._last = None
+        if exc_type is None and distributed.active():  # ranks' partials -> the same sums on every rank
+            if self.hessian:
+                raise ValueError(
+                    "method='sparsegpt' is not supported with several processes (torch.distributed): its "
+                    "Hessian sum depends on the summation order; run it in one process"
+                )
+            for st in self.stats.values():
+                st.all_reduce()
 
     def norms(self) -> dict[str, torch.Tensor]:
         """{name: (in_features,) float32 ||X_j||_2} over everything seen so far."""

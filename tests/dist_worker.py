@@ -1,0 +1,157 @@
+"""One rank of a CPU (gloo) data-parallel run, launched by tests/test_distributed.py as a plain process.
+
+``python tests/dist_worker.py OUT CASE...`` with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set (WORLD_SIZE=1
+or unset: a single process, no process group). Each case prunes a fresh tiny model and stores its pruned
+prunable weights in ``OUT/rank{r}.safetensors`` under ``CASE/param``; ``OUT/rank{r}.json`` records
+per case "ok" or the error (type and message) and the seconds taken.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+N_SAMPLES, SEQLEN = 5, 16  # 5 samples: uneven shares for 2 and 3 ranks (2+3, 1+2+2)
+
+
+def _model():
+    from tiny_models import tiny_llama
+
+    return tiny_llama(num_layers=2, hidden=32, intermediate=64, heads=4, kv_heads=2, vocab=128, max_pos=64)
+
+
+def _batches():
+    from tiny_models import random_batches
+
+    return random_batches(N_SAMPLES, SEQLEN, vocab=128, seed=1)
+
+
+def _prunable(model) -> dict[str, torch.Tensor]:
+    from gradprobe.models import get_adapter
+
+    ad = get_adapter(model)
+    out = {}
+    for i, layer in enumerate(ad.decoder_layers(model)):
+        for n, lin in ad.prunable_linears(layer).items():
+            out[f"{i}.{n}"] = lin.weight.detach().clone()
+    return out
+
+
+def _wanda(**kw):
+    import gradprobe
+
+    model = _model()
+    gradprobe.prune(model, _batches(), gradprobe.PruneConfig(progress=False, batch_size=2, **kw))
+    return _prunable(model)
+
+
+def _owl():
+    import gradprobe
+    from gradprobe.allocation import owl_from_model
+
+    model = _model()
+    cfg = gradprobe.PruneConfig(progress=False, batch_size=2)
+    alloc = owl_from_model(model, _batches(), 0.6, config=cfg)
+    gradprobe.prune(model, _batches(), alloc.config(progress=False, batch_size=2))
+    return _prunable(model)
+
+
+def _probe(mode: str, scope: str):
+    import gradprobe
+
+    model = _model()
+    b = _batches()
+    batches = [b[0:2], b[2:3], b[3:4], b[4:5]]
+    gradprobe.probe_prune_(model, batches, 0.5, method="wanda", scope=scope, mode=mode)
+    return _prunable(model)
+
+
+def _failing():
+    """Rank 1 raises inside layer 1's mask step; every rank must stop with an error."""
+    import gradprobe
+    from gradprobe import distributed
+    from gradprobe.driver import default_mask_fn
+
+    def mask_fn(w, norm, s, ctx):
+        if distributed.rank() == 1 and ctx.layer_idx == 1:
+            raise ValueError("injected failure on rank 1")
+        return default_mask_fn(w, norm, s, ctx)
+
+    model = _model()
+    out = Path(os.environ["GP_OUT"]) / "resume"
+    gradprobe.prune(model, _batches(), gradprobe.PruneConfig(progress=False, mask_fn=mask_fn), resume_dir=out)
+    return {}
+
+
+def _all_max():
+    """all_max_ = probe_accumulate_ over the ranks' values (NaN sticky), against a sequential fold."""
+    from gradprobe import distributed
+
+    w = distributed.world_size()
+    g = torch.Generator().manual_seed(3)
+    vals = [torch.randn(64, generator=g).abs() for _ in range(w)]
+    vals[0][5] = float("nan")
+    vals[-1][7] = float("nan")
+    vals[-1][9] = float("inf")
+    ref = vals[0].clone()
+    for v in vals[1:]:
+        torch.ops.gradprobe.probe_accumulate_(ref, v)
+    got = distributed.all_max_(vals[distributed.rank()].clone())
+    if distributed.active():
+        assert torch.equal(got.isnan(), ref.isnan()), "NaN positions"
+        assert torch.equal(got.nan_to_num(0.0), ref.nan_to_num(0.0)), "values"
+    return {"all_max": got}
+
+
+CASES = {
+    "wanda_row": lambda: _wanda(),
+    "wanda_layer": lambda: _wanda(scope="layer"),
+    "wanda_global": lambda: _wanda(scope="global"),
+    "wanda_24": lambda: _wanda(structure="2:4"),
+    "owl": _owl,
+    "probe_layerwise": lambda: _probe("layerwise", "row"),
+    "probe_model_global": lambda: _probe("model", "global"),
+    "all_max": _all_max,
+    "failing": _failing,
+}
+
+
+def main(out: str, cases: list[str]) -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    import gradprobe  # noqa: F401 (registers the ops)
+
+    torch.set_num_threads(1)
+    os.environ["GP_OUT"] = out
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        timeout = float(os.environ.get("GP_TIMEOUT", "30"))
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
+    r = int(os.environ.get("RANK", "0"))
+    tensors, record = {}, {}
+    for case in cases:
+        t0 = time.perf_counter()
+        try:
+            for k, v in CASES[case]().items():
+                tensors[f"{case}/{k}"] = v.contiguous()
+            record[case] = {"ok": True}
+        except Exception as exc:
+            record[case] = {"ok": False, "type": type(exc).__name__, "error": str(exc)}
+        record[case]["seconds"] = time.perf_counter() - t0
+    save_file(tensors, str(Path(out) / f"rank{r}.safetensors"))
+    (Path(out) / f"rank{r}.json").write_text(json.dumps(record))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
