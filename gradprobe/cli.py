@@ -685,7 +685,7 @@ def cmd_eval(args) -> int:
             setattr(args, k, v)
         print(f"eval settings of {Path(args.model, RUN_JSON)} (as gradprobe prune measured): context "
               f"{recorded['eval_context']}, stride {recorded['eval_stride']}, {recorded['eval_windows']} windows",
-              flush=True)
+              file=sys.stderr if args.json else sys.stdout, flush=True)
     sizes = _resolve_defaults(args)
     model, tokenizer = _load(args)
     ids = data.eval_ids(tokenizer, args.eval_source)

@@ -198,9 +198,9 @@ def test_eval_measures_with_the_settings_prune_recorded(workspace, tmp_path, cap
     pruned = json.loads((out / "gradprobe_run.json").read_text())["eval"]["pruned"]
     capsys.readouterr()
     assert cli.main(["eval", "--model", str(out), "--eval", str(text), "--device", "cpu", "--json"]) == 0
-    printed = capsys.readouterr().out
-    assert "as gradprobe prune measured): context 32, stride 32, 4 windows" in printed
-    got = json.loads(printed.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    assert "as gradprobe prune measured): context 32, stride 32, 4 windows" in captured.err
+    got = json.loads(captured.out.strip().splitlines()[-1])
     assert (got["context"], got["windows"], got["tokens"]) == (32, 4, pruned["tokens"])
     assert got["value"] == pytest.approx(pruned["value"])
     # settings given on the command line win
