@@ -345,6 +345,7 @@ class ResumeState:
         if entry is None:
             return False
         if i not in self._verified:
+            self._verified = {}  # drop the previous layer's tensors first: one layer in memory
             got = self._load_verified(entry.get("kind", "layer"), i, report=True)
             if got is None or got[1].get("rows") != entry.get("rows"):
                 for k in [k for k in self.state["finished"] if int(k) >= i]:
