@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradprobe import distributed
 from gradprobe.config import PruneConfig
 from gradprobe.driver import EMBEDDINGS, LM_HEAD, LayerwisePruner, ResumeState
 from gradprobe.report import PruneReport, TensorRow
@@ -396,8 +397,9 @@ def prune_streamed(
     check_out_location(out, flag="out_dir")
     model, groups = build_skeleton(source, dtype)
     partial = io.partial_dir(out)
-    if not resume and partial.exists():
+    if not resume and partial.exists() and distributed.is_writer():
         shutil.rmtree(partial)
+    distributed.barrier()  # under torch.distributed every rank streams the same layer; rank 0 writes
     provider = StreamedWeights(model, source, groups)
     pruner = LayerwisePruner(
         model, config, batches, resume_dir=partial / "checkpoint", callback=callback, layer_provider=provider
@@ -410,11 +412,14 @@ def prune_streamed(
     stored = {e.name: ST_DTYPES[e.dtype] for e in source.entries.values()}
     dtype_changed = any(stored[k] != v.dtype for k, v in model.state_dict().items() if k in stored)
     ckpt = StreamedCheckpoint(source, model, pruner.resume, pruned, dtype_changed)
-    if save is None:
-        io.save_pruned(ckpt, None, out, report, overwrite=overwrite, staging=partial / "model", plots=plots)
-    else:
-        save(ckpt, None, out, report, overwrite=overwrite, staging=partial / "model")
-    shutil.rmtree(partial, ignore_errors=True)
+    with distributed.guard():
+        if distributed.is_writer():
+            if save is None:
+                io.save_pruned(ckpt, None, out, report, overwrite=overwrite, staging=partial / "model", plots=plots)
+            else:
+                save(ckpt, None, out, report, overwrite=overwrite, staging=partial / "model")
+            shutil.rmtree(partial, ignore_errors=True)
+        distributed.barrier()  # a failed save on rank 0 is an error on every rank
     return report
 
 
@@ -479,10 +484,12 @@ def cmd_prune(args: Any, config: PruneConfig, sizes: dict, out: Path, partial: P
     if not args.no_eval:
         print(f"perplexity: skipped with --stream (it needs the whole model); run `gradprobe eval --model {out}`",
               flush=True)
-    if discard:
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    preflight.write_json_atomic(partial / "settings.json", settings)
+    if distributed.is_writer():
+        if discard:
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        preflight.write_json_atomic(partial / "settings.json", settings)
+    distributed.barrier()
     config, alloc = allocation.config_from_cli(args, config, skeleton, batches)
     del skeleton
 

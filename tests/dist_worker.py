@@ -74,21 +74,65 @@ def _probe(mode: str, scope: str):
     return _prunable(model)
 
 
-def _failing():
-    """Rank 1 raises inside layer 1's mask step; every rank must stop with an error."""
+def _stream():
+    """``prune_streamed`` of the checkpoint in $GP_MODEL into $GP_OUT/stream (rank 0 writes); the output's
+    tensors are compared by the test."""
     import gradprobe
+    from gradprobe.stream import prune_streamed
+
+    out = Path(os.environ["GP_OUT"]) / "stream"
+    prune_streamed(os.environ["GP_MODEL"], out, gradprobe.PruneConfig(progress=False, batch_size=2), _batches(),
+                   plots=False)
+    return {}
+
+
+def _cli():
+    """``gradprobe prune`` of $GP_MODEL (calibration text $GP_TEXT) into $GP_OUT/cli: inside the process group
+    the launcher made, as under torchrun; rank 0 writes."""
+    from tiny_models import prune_argv
+
+    from gradprobe import cli
+
+    out = Path(os.environ["GP_OUT"]) / "cli"
+    argv = prune_argv(os.environ["GP_MODEL"], os.environ["GP_TEXT"], out, "--no-eval", "--no-plot", "--batch-size", "3")
+    rc = cli.main(argv)
+    if rc != 0:
+        raise RuntimeError(f"gradprobe prune exited with {rc}")
+    return {}
+
+
+_FAIL = {"on": False}
+
+
+def failing_mask_fn(w, norm, s, ctx):
+    """The default mask step, except that rank 1 raises at layer 1 while ``_FAIL["on"]``."""
     from gradprobe import distributed
     from gradprobe.driver import default_mask_fn
 
-    def mask_fn(w, norm, s, ctx):
-        if distributed.rank() == 1 and ctx.layer_idx == 1:
-            raise ValueError("injected failure on rank 1")
-        return default_mask_fn(w, norm, s, ctx)
+    if _FAIL["on"] and distributed.rank() == 1 and ctx.layer_idx == 1:
+        raise ValueError("injected failure on rank 1")
+    return default_mask_fn(w, norm, s, ctx)
+
+
+def _resumable(fail: bool) -> dict[str, torch.Tensor]:
+    import gradprobe
 
     model = _model()
     out = Path(os.environ["GP_OUT"]) / "resume"
-    gradprobe.prune(model, _batches(), gradprobe.PruneConfig(progress=False, mask_fn=mask_fn), resume_dir=out)
-    return {}
+    _FAIL["on"] = fail
+    report = gradprobe.prune(model, _batches(), gradprobe.PruneConfig(progress=False, mask_fn=failing_mask_fn),
+                             resume_dir=out)
+    return _prunable(model) | {"resumed_layers": torch.tensor(report.resumed_layers, dtype=torch.int64)}
+
+
+def _failing():
+    """Rank 1 raises inside layer 1's mask step; every rank must stop with an error."""
+    return _resumable(True)
+
+
+def _resume():
+    """The rerun of :func:`_failing`: restores layer 0 from rank 0's checkpoint, prunes layer 1."""
+    return _resumable(False)
 
 
 def _all_max():
@@ -120,7 +164,10 @@ CASES = {
     "probe_layerwise": lambda: _probe("layerwise", "row"),
     "probe_model_global": lambda: _probe("model", "global"),
     "all_max": _all_max,
+    "stream": _stream,
+    "cli": _cli,
     "failing": _failing,
+    "resume": _resume,
 }
 
 
@@ -147,6 +194,8 @@ def main(out: str, cases: list[str]) -> None:
         except Exception as exc:
             record[case] = {"ok": False, "type": type(exc).__name__, "error": str(exc)}
         record[case]["seconds"] = time.perf_counter() - t0
+        resume = Path(out) / "resume"
+        record[case]["resume_files"] = sorted(os.listdir(resume)) if resume.is_dir() else []
     save_file(tensors, str(Path(out) / f"rank{r}.safetensors"))
     (Path(out) / f"rank{r}.json").write_text(json.dumps(record))
     if world > 1:

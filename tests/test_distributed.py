@@ -20,7 +20,7 @@ import torch
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 ROOT = WORKER.parent.parent
 MASK_CASES = ["wanda_row", "wanda_layer", "wanda_global", "wanda_24", "owl", "probe_layerwise",
-              "probe_model_global", "all_max"]
+              "probe_model_global", "all_max", "stream", "cli"]
 
 
 def _free_port() -> int:
@@ -68,19 +68,28 @@ def _launch(tmp: Path, world: int, cases: list[str], **extra: str) -> list[tuple
             for r in range(world)]
 
 
-def _one_process(cases: list[str]) -> dict[str, torch.Tensor]:
-    """The cases run here, without a process group (one thread, as the workers)."""
+def _one_process(cases: list[str], tmp: Path) -> dict[str, torch.Tensor]:
+    """The cases run here, without a process group (one thread, as the workers), writing under ``tmp``."""
     import dist_worker
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    env = os.environ.get("GP_OUT")
+    os.environ["GP_OUT"] = str(tmp)
     try:
         return {f"{c}/{k}": v for c in cases for k, v in dist_worker.CASES[c]().items()}
     finally:
         torch.set_num_threads(threads)
+        if env is None:
+            del os.environ["GP_OUT"]
+        else:
+            os.environ["GP_OUT"] = env
 
 
-def _check_equal(ranks: list[tuple[dict, dict]], ref: dict[str, torch.Tensor], cases: list[str]) -> None:
+def _check_equal(ranks: list[tuple[dict, dict]], ref: dict[str, torch.Tensor], cases: list[str],
+                 ref_dir: Path, run_dir: Path) -> None:
+    from safetensors.torch import load_file
+
     for r, (record, tensors) in enumerate(ranks):
         for case in cases:
             assert record[case]["ok"], (r, record[case])
@@ -89,22 +98,47 @@ def _check_equal(ranks: list[tuple[dict, dict]], ref: dict[str, torch.Tensor], c
                 assert torch.equal(tensors[k], v), f"rank {r} of {len(ranks)}: {k} differs from one process"
     pruned = [k for k in ref if not k.startswith("all_max/")]
     assert pruned and all(int((ref[k] == 0).sum()) > 0 for k in pruned)  # every case really pruned
+    for case in ("stream", "cli"):  # rank 0 wrote the same checkpoint as one process, and no staging is left
+        if case in cases:
+            a = load_file(str(ref_dir / case / "model.safetensors"))
+            b = load_file(str(run_dir / case / "model.safetensors"))
+            assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), case
+            assert (run_dir / case / "prune_report.json").exists()
+            assert not (run_dir / f".{case}.gradprobe-partial").exists()
 
 
 @pytest.fixture(scope="module")
-def world2(tmp_path_factory):
-    """One launch of 2 ranks: every mask case, then the failing-rank case (it ends the group)."""
+def checkpoint(tmp_path_factory):
+    from tiny_models import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory, checkpoint):
+    """One launch of 2 ranks: every mask case, then the failing-rank case, then its rerun (resume)."""
     tmp = tmp_path_factory.mktemp("world2")
-    return tmp, _launch(tmp, 2, [*MASK_CASES, "failing"], GP_TIMEOUT="60")
+    return tmp, _launch(tmp, 2, [*MASK_CASES, "failing", "resume"], GP_TIMEOUT="60", **_env_of(checkpoint))
 
 
-def test_masks_equal_one_process_world_2(world2):
-    _check_equal(world2[1], _one_process(MASK_CASES), MASK_CASES)
+def _env_of(checkpoint) -> dict[str, str]:
+    return {"GP_MODEL": str(checkpoint[0]), "GP_TEXT": str(checkpoint[1])}
+
+
+def test_masks_equal_one_process_world_2(world2, checkpoint, tmp_path, monkeypatch):
+    for k, v in _env_of(checkpoint).items():
+        monkeypatch.setenv(k, v)
+    _check_equal(world2[1], _one_process(MASK_CASES, tmp_path), MASK_CASES, tmp_path, world2[0])
 
 
 @pytest.mark.slow
-def test_masks_equal_one_process_world_3(tmp_path):
-    _check_equal(_launch(tmp_path, 3, MASK_CASES), _one_process(MASK_CASES), MASK_CASES)
+def test_masks_equal_one_process_world_3(tmp_path, checkpoint, monkeypatch):
+    for k, v in _env_of(checkpoint).items():
+        monkeypatch.setenv(k, v)
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "run").mkdir()
+    ranks = _launch(tmp_path / "run", 3, MASK_CASES, **_env_of(checkpoint))
+    _check_equal(ranks, _one_process(MASK_CASES, tmp_path / "ref"), MASK_CASES, tmp_path / "ref", tmp_path / "run")
 
 
 def test_failing_rank_stops_every_rank_without_output(world2):
@@ -116,17 +150,29 @@ def test_failing_rank_stops_every_rank_without_output(world2):
     # at once, not after the process group's 60 s timeout
     assert r0["seconds"] < 30 and r1["seconds"] < 30, (r0, r1)
     # only rank 0 writes the resume checkpoint, and only layer 0 finished: nothing of layer 1
-    files = sorted(p.name for p in (tmp / "resume").iterdir())
-    assert files == ["layer_0000.safetensors", "state.json"], files
+    assert r0["resume_files"] == ["layer_0000.safetensors", "state.json"], r0["resume_files"]
 
 
-def test_cli_torchrun_rank0_writes_same_model(tmp_path):
+def test_rerun_after_failure_resumes_with_same_masks(world2, tmp_path):
+    ref = _one_process(["resume"], tmp_path)
+    assert ref["resume/resumed_layers"].tolist() == []
+    for record, tensors in world2[1]:
+        assert record["resume"]["ok"], record["resume"]
+        assert tensors["resume/resumed_layers"].tolist() == [0]  # layer 0 from rank 0's checkpoint
+        for k, v in ref.items():
+            if k != "resume/resumed_layers":
+                assert torch.equal(tensors[k], v), k
+
+
+@pytest.mark.slow
+def test_cli_python_m_gradprobe_makes_its_own_group(tmp_path, checkpoint):
+    """``python -m gradprobe prune`` in torchrun's environment creates (and destroys) the gloo group itself."""
     from safetensors.torch import load_file
-    from tiny_models import prune_argv, save_tiny_checkpoint
+    from tiny_models import prune_argv
 
     from gradprobe import cli
 
-    model_dir, text = save_tiny_checkpoint(tmp_path, num_layers=2)
+    model_dir, text = checkpoint
     one, two = tmp_path / "one", tmp_path / "two"
     extra = ("--no-eval", "--no-plot", "--batch-size", "3")
     procs = _start(2, ["-m", "gradprobe", *prune_argv(model_dir, text, two, *extra)])
