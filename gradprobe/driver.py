@@ -233,7 +233,8 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _json_digest(obj: Any) -> str:
+def json_digest(obj: Any) -> str:
+    """sha256 of the canonical (sorted-key) JSON of ``obj``."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
@@ -255,7 +256,7 @@ class ResumeState:
     def __init__(self, directory: str | os.PathLike, identity: dict[str, Any], checksums: dict[str, float]):
         self.dir = Path(directory)
         self.path = self.dir / "state.json"
-        self.identity_digest = _json_digest(identity)
+        self.identity_digest = json_digest(identity)
         self._verified: dict[int, dict[str, torch.Tensor]] = {}  # layer -> tensors that passed the checksum
         fresh = {
             "version": STATE_VERSION,
@@ -282,7 +283,7 @@ class ResumeState:
         try:
             state = json.loads(self.path.read_text())
             body = {k: v for k, v in state.items() if k != "sha256"}
-            ok = isinstance(state, dict) and state.get("sha256") == _json_digest(body)
+            ok = isinstance(state, dict) and state.get("sha256") == json_digest(body)
         except (OSError, ValueError, AttributeError):
             ok = False
         if ok:
@@ -394,7 +395,7 @@ class ResumeState:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         body = {k: v for k, v in self.state.items() if k != "sha256"}
-        self.state = body | {"sha256": _json_digest(body)}
+        self.state = body | {"sha256": json_digest(body)}
         _atomic_write_text(self.path, json.dumps(self.state, indent=1))
 
     def check_model(self, groups: dict[int, dict[str, nn.Linear]]) -> None:

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradprobe.driver import ResumeStateWarning, json_digest, tensors_digest
 from gradprobe.probe import (
     ProbeResult,
     SizeAdaptive,
@@ -312,9 +314,37 @@ class _Checkpoint:
             "initial_threshold": _describe(threshold),
             "params": {n: list(p.shape) for n, p in params.items()},
         }
+        self.digests: dict[str, str] = {}  # step -> sha256 of its masks (as state.json records them)
 
     def exists(self) -> bool:
-        return (self.dir / "state.json").is_file()
+        """True if ``state.json`` and the masks it resumes from pass their checksums; a corrupted or
+        truncated checkpoint is reported (ResumeStateWarning) and the run starts over."""
+        if not (self.dir / "state.json").is_file():
+            return False
+        problem = self._verify()
+        if problem is None:
+            return True
+        warnings.warn(f"checkpoint_dir {str(self.dir)!r}: {problem}; starting over", ResumeStateWarning, stacklevel=3)
+        self.digests = {}
+        return False
+
+    def _verify(self) -> str | None:
+        try:
+            state = json.loads((self.dir / "state.json").read_text())
+            body = {k: v for k, v in state.items() if k != "sha256"}
+            if state.get("sha256") != json_digest(body):
+                return "state.json fails its checksum"
+            self.digests = dict(state.get("masks_sha256", {}))
+            last = state["last_accepted"]
+            if last >= 0:
+                from safetensors.torch import load_file
+
+                masks = load_file(str(self.dir / f"step_{last:02d}.safetensors"))
+                if tensors_digest(masks) != self.digests.get(str(last)):
+                    return f"step_{last:02d}.safetensors fails its checksum"
+        except Exception as exc:  # unreadable JSON, a truncated safetensors header, missing keys
+            return f"unreadable ({type(exc).__name__}: {exc})"
+        return None
 
     def load(self) -> dict:
         state = json.loads((self.dir / "state.json").read_text())
@@ -353,10 +383,14 @@ class _Checkpoint:
         self.dir.mkdir(parents=True, exist_ok=True)
         if not stopped:
             tmp = self.dir / f"step_{step:02d}.safetensors.tmp"
-            save_file({n: m.contiguous().cpu() for n, m in masks.items()}, str(tmp))
+            cpu = {n: m.contiguous().cpu() for n, m in masks.items()}
+            save_file(cpu, str(tmp))
             os.replace(tmp, self.dir / f"step_{step:02d}.safetensors")
+            self.digests[str(step)] = tensors_digest(cpu)
         state = {"identity": self.identity, "baseline": baseline, "steps": [asdict(s) for s in steps],
-                 "threshold": self.encode_threshold(threshold), "last_accepted": last_accepted, "stopped": stopped}
+                 "threshold": self.encode_threshold(threshold), "last_accepted": last_accepted, "stopped": stopped,
+                 "masks_sha256": dict(self.digests)}
+        state["sha256"] = json_digest(state)
         tmp = self.dir / "state.json.tmp"
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, self.dir / "state.json")

@@ -295,6 +295,7 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 def _killed_run(argv, n: int) -> int:
+    """Run ``gradprobe prune argv`` in a subprocess that SIGKILLs itself at write event ``n`` (0: never)."""
     script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), n=n, argv=argv)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -310,8 +311,8 @@ def _kill_case(workspace, tmp_path, cli_reference, n: int, total: int) -> None:
     assert rc == -signal.SIGKILL, f"the run was not killed at write event {n} of {total} (rc {rc})"
     if out.exists():  # killed after the rename: the output must be whole
         _assert_complete(out, cli_reference)
-    else:
-        assert cli.main(argv) == 0  # rerun: resumes from the checkpoints or starts cleanly
+    else:  # rerun (a fresh process, as a user would): resumes from the checkpoints or starts cleanly
+        assert _killed_run(argv, 0) == 0
         _assert_complete(out, cli_reference)
     assert not any(p.name.startswith(f".out{n}.tmp") for p in tmp_path.iterdir())
     assert _digest(model_dir) == before
@@ -359,3 +360,23 @@ def test_probe_result_survives_a_full_disk_at_save(monkeypatch, workspace, tmp_p
     ra = json.loads((ref_out / "prune_report.json").read_text())["totals"]
     rb = json.loads((tmp_path / "out" / "prune_report.json").read_text())["totals"]
     assert (ra["pruned"], ra["params"]) == (rb["pruned"], rb["params"])
+
+
+# ---- iterative_prune_'s checkpoint -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["step", "state"])
+def test_corrupt_iterative_checkpoint_is_reported_and_the_run_starts_over(tmp_path, damage):
+    from gradprobe.iterative import SparsitySchedule, iterative_prune_
+
+    batches = random_batches(nsamples=2, seqlen=16)
+    kw = dict(schedule=SparsitySchedule(0.2, 0.2, 0.4), evaluate=lambda m: 1.0, max_metric_drop=1.0,
+              method="magnitude", mode="model")
+    done = tiny_llama()
+    first = iterative_prune_(done, batches, checkpoint_dir=tmp_path, **kw)
+    _flip_byte(tmp_path / ("step_01.safetensors" if damage == "step" else "state.json"), 3)
+    again = tiny_llama()
+    with pytest.warns(ResumeStateWarning, match="fails its checksum|unreadable"):
+        res = iterative_prune_(again, batches, checkpoint_dir=tmp_path, **kw)
+    assert res.resumed_from == -1 and [s.achieved for s in res.steps] == [s.achieved for s in first.steps]
+    assert all(torch.equal(p, q) for p, q in zip(done.parameters(), again.parameters(), strict=True))

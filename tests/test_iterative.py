@@ -117,8 +117,11 @@ def test_resume_continues_after_last_accepted_step(batches, tmp_path):
     # pretend the longer run was interrupted after step 0: same identity except the schedule
     import json
 
+    from gradprobe.driver import json_digest
+
     st = json.loads((tmp_path / "state.json").read_text())
     st["identity"]["schedule"]["max"] = 0.4
+    st["sha256"] = json_digest({k: v for k, v in st.items() if k != "sha256"})  # a deliberate edit, re-signed
     (tmp_path / "state.json").write_text(json.dumps(st))
     resumed = tiny_llama()
     res = iterative_prune_(resumed, batches, schedule=sched, evaluate=metric, max_metric_drop=1.0,
