@@ -365,7 +365,7 @@ def test_probe_result_survives_a_full_disk_at_save(monkeypatch, workspace, tmp_p
 # ---- iterative_prune_'s checkpoint -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("damage", ["step", "state"])
+@pytest.mark.parametrize("damage", ["step", pytest.param("state", marks=pytest.mark.slow)])
 def test_corrupt_iterative_checkpoint_is_reported_and_the_run_starts_over(tmp_path, damage):
     from gradprobe.iterative import SparsitySchedule, iterative_prune_
 
