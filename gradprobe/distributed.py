@@ -287,7 +287,7 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S, device: str | None = Non
     local rank's GPU. Returns True if this call created the group (destroy it with :func:`shutdown`)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         return False
-    cuda = device is not None and device.startswith("cuda")
+    cuda = device is not None and device.startswith("cuda") and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(

@@ -42,6 +42,7 @@ def _prunable(model) -> dict[str, torch.Tensor]:
     for i, layer in enumerate(ad.decoder_layers(model)):
         for n, lin in ad.prunable_linears(layer).items():
             out[f"{i}.{n}"] = lin.weight.detach().clone()
+    out["lm_head"] = ad.lm_head(model).weight.detach().clone()
     return out
 
 
@@ -160,6 +161,7 @@ CASES = {
     "wanda_layer": lambda: _wanda(scope="layer"),
     "wanda_global": lambda: _wanda(scope="global"),
     "wanda_24": lambda: _wanda(structure="2:4"),
+    "wanda_head": lambda: _wanda(include_lm_head=True),
     "owl": _owl,
     "probe_layerwise": lambda: _probe("layerwise", "row"),
     "probe_model_global": lambda: _probe("model", "global"),
