@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import pytest
@@ -301,8 +300,9 @@ def test_cli_stream_equals_cli_in_memory(checkpoint, tmp_path, capsys):
 
 # --- peak host memory on a multi-GB model (slow) --------------------------------------------------
 def _write_synthetic_llama(d: Path, layers: int, hidden: int, inter: int, vocab: int) -> int:
-    """A random bf16 Llama written one shard per decoder layer (never the whole model in memory);
-    returns the bytes of weights."""
+    """A random bf16 Llama written one shard per decoder layer, so the generator holds one layer at a
+    time; returns the bytes of weights. Each layer's matrices are a random base rolled by a
+    layer-dependent offset (a copy, not a fresh draw: generating many GB of randn takes minutes)."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
@@ -315,58 +315,61 @@ def _write_synthetic_llama(d: Path, layers: int, hidden: int, inter: int, vocab:
     def rnd(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
 
-    shards = [{"model.embed_tokens.weight": rnd(vocab, hidden)}]
+    base = {"attn": rnd(hidden, hidden), "in": rnd(inter, hidden), "out": rnd(hidden, inter)}
+    ones = torch.ones(hidden, dtype=torch.bfloat16)
     n = layers + 2
     weight_map, total = {}, 0
     for k in range(n):
-        if 1 <= k <= layers:
-            p = f"model.layers.{k - 1}."
-            tensors = {p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
-                       p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                tensors[f"{p}self_attn.{name}.weight"] = rnd(hidden, hidden)
-            tensors[p + "mlp.gate_proj.weight"] = rnd(inter, hidden)
-            tensors[p + "mlp.up_proj.weight"] = rnd(inter, hidden)
-            tensors[p + "mlp.down_proj.weight"] = rnd(hidden, inter)
-        elif k == 0:
-            tensors = shards[0]
+        if k == 0:
+            tensors = {"model.embed_tokens.weight": rnd(vocab, hidden)}
+        elif k == n - 1:
+            tensors = {"model.norm.weight": ones.clone(), "lm_head.weight": rnd(vocab, hidden)}
         else:
-            tensors = {"model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16), "lm_head.weight": rnd(vocab, hidden)}
+            p = f"model.layers.{k - 1}."
+            tensors = {p + "input_layernorm.weight": ones.clone(), p + "post_attention_layernorm.weight": ones.clone()}
+            for j, name in enumerate(("q_proj", "k_proj", "v_proj", "o_proj")):
+                tensors[f"{p}self_attn.{name}.weight"] = base["attn"].roll(7919 * (4 * k + j))
+            for j, name in enumerate(("gate_proj", "up_proj")):
+                tensors[f"{p}mlp.{name}.weight"] = base["in"].roll(7919 * (2 * k + j))
+            tensors[p + "mlp.down_proj.weight"] = base["out"].roll(7919 * k)
         name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
         save_file(tensors, d / name, metadata={"format": "pt"})
         weight_map |= dict.fromkeys(tensors, name)
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
-        shards.clear()
     (d / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     return total
 
 
+LAYERS = 12
+
+
 @pytest.mark.slow
 def test_peak_memory_well_below_model_size(tmp_path):
-    """A ~3 GB bf16 Llama (hidden 4096, 6 layers, vocab 32000) pruned with Wanda in a subprocess:
-    its peak RSS must stay under 35 % of the weights' size."""
+    """A 5.4 GB bf16 Llama (hidden 4096, intermediate 11008, 12 layers, vocab 32000) pruned with Wanda
+    (8 x 128 calibration tokens) in a subprocess: its peak RSS must stay under 35 % of the weights' size.
+    The peak is ~0.45 GiB of torch/transformers + ~2.1 x one decoder layer (its weights, the selection's
+    temporaries), independent of the number of layers."""
     src = tmp_path / "big"
-    size = _write_synthetic_llama(src, layers=6, hidden=4096, inter=11008, vocab=32000)
+    size = _write_synthetic_llama(src, layers=LAYERS, hidden=4096, inter=11008, vocab=32000)
     script = textwrap.dedent(f"""
         import json, resource, sys, torch
         from gradprobe import PruneConfig
         from gradprobe.stream import prune_streamed
         batches = torch.randint(0, 32000, (8, 128), generator=torch.Generator().manual_seed(0))
         report = prune_streamed({str(src)!r}, {str(tmp_path / "out")!r},
-                                PruneConfig(method="wanda", device="cpu", progress=False), batches)
+                                PruneConfig(method="wanda", device="cpu", progress=False), batches, plots=False)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(json.dumps({{"peak": peak, "sparsity": report.sparsity}}))
     """)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=1800)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=3600)
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     print(f"model {size / 2**30:.2f} GiB, peak RSS {got['peak'] / 2**30:.2f} GiB ({got['peak'] / size:.1%})")
     assert got["sparsity"] == pytest.approx(0.5)
     assert got["peak"] < 0.35 * size
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with safe_open(tmp_path / "out" / "model-00002-of-00008.safetensors", "pt") as f:
-            w = f.get_tensor("model.layers.0.mlp.up_proj.weight")
+    shard = f"model-00002-of-{LAYERS + 2:05d}.safetensors"
+    with safe_open(tmp_path / "out" / shard, "pt") as f:
+        w = f.get_tensor("model.layers.0.mlp.up_proj.weight")
     assert (w == 0).sum(dim=1).eq(w.shape[1] // 2).all()  # Wanda row: half of every row pruned
