@@ -99,6 +99,8 @@ CASES = {
     "wanda-row": WANDA,
     "wanda-2:4": dict(method="wanda", structure="2:4"),
     "sparsegpt": dict(method="sparsegpt"),
+    "wanda-lm_head": dict(method="wanda", include_lm_head=True),  # lm_head read only for its own step
+    "magnitude-per-layer": dict(method="magnitude", sparsity=(0.3, 0.4, 0.5, 0.6)),  # explicit allocation
 }
 
 
@@ -110,7 +112,10 @@ def test_streamed_equals_in_memory(sharded, wanda_out, tmp_path, case):
     else:
         out = tmp_path / "out"
         report = _stream(sharded, out, config, batches if config.needs_calibration else None)
-        assert report.sparsity == pytest.approx(0.5)
+        if "sparsity" in CASES[case]:
+            assert {r.layer: r.target for r in report.rows} == dict(enumerate(CASES[case]["sparsity"]))
+        else:
+            assert report.sparsity == pytest.approx(0.5)
         assert not io.partial_dir(out).exists()  # checkpoints and staging are gone after the rename
     _assert_same_weights(_state(out), _in_memory(sharded, config, batches))
 
