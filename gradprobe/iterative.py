@@ -201,8 +201,6 @@ def iterative_prune_(
         raise TypeError("schedule must be a gradprobe.iterative.SparsitySchedule")
     if tune is not None and not isinstance(tune, ThresholdSearch):
         raise TypeError("tune must be None or a gradprobe.iterative.ThresholdSearch")
-    if tune is not None and probe_kwargs.get("target") == "exact":
-        raise ValueError('tune has no effect with target="exact" (tau does not change the exact counts); pass tune=None')
     if isinstance(max_metric_drop, bool) or not isinstance(max_metric_drop, (int, float)) or not max_metric_drop >= 0:
         raise ValueError(f"max_metric_drop must be a float >= 0 (relative degradation), got {max_metric_drop!r}")
     if evaluate is None:

@@ -19,11 +19,12 @@ Targets (``target``):
   ``scope="row"``, floor(s * numel) per tensor for ``"layer"``, floor(s * total) over the probed model
   for ``"global"`` (each tensor gets the count the global score selection at s gives it). Candidates T
   are chosen at ``candidate_sparsity`` s' >= s (default s + 0.2 (1 - s)); steps 1 and 3 as above; then
-  each group prunes exactly its count of T with the smallest growth G1 / G0 (:func:`growth_key`: an
-  already-zero candidate counts as 0, G0 = 0 as 1 or "grew most"), ties by smaller score, then lower
-  flat index (:func:`select_by_key`, two passes of the exact selection ops). With s' = s it is
-  the plain score selection; tau is not used. A per-row tau tuned to hit the count would pick the same
-  set (the k least-grown), so it is not a separate rule.
+  each group prunes exactly its count of T: first the candidates whose gradient did not grow
+  (G1 <= G0 (1 + tau), or already zero), then the grown ones, each in score order, ties by lower flat
+  index (:func:`exact_key` then score, :func:`select_by_key`: two passes of the exact selection ops).
+  With s' = s it is the plain score selection. Measured alternatives (README): ranking the candidates
+  by the growth G1 / G0 itself was far worse (the ratio carries no per-weight information); a per-row
+  tau tuned to hit the count is that same ratio ranking.
 
 Modes:
 
@@ -82,17 +83,13 @@ KEY_MAX = torch.finfo(torch.float32).max
 RATIO_MAX = 1e38
 
 
-def growth_key(backup: torch.Tensor, g0: torch.Tensor, g1: torch.Tensor) -> torch.Tensor:
-    """fp32 (k,) ranking key of the exact rule: G1 / G0, how much a candidate's gradient grew.
-
-    G0 = 0: key 1 if G1 = 0 too (no change), else RATIO_MAX; NaN and overflow -> RATIO_MAX.
-    A candidate that is already zero (``backup == 0``, e.g. pruned by an earlier step) gets 0:
-    pruning it changes nothing, so it is always taken first.
+def exact_key(backup: torch.Tensor, g0: torch.Tensor, g1: torch.Tensor, tau: float = 0.0) -> torch.Tensor:
+    """fp32 (k,) ranking key of the exact rule: 0 for a candidate whose gradient did not grow
+    (G1 <= G0 * (1 + tau) in fp32, as ``probe_apply_`` decides) or that is already zero (``backup == 0``,
+    e.g. pruned by an earlier step: pruning it changes nothing), 1 for one whose gradient grew.
     """
-    g0, g1 = g0.to(torch.float32), g1.to(torch.float32)
-    ratio = torch.where(g0 > 0, g1 / torch.where(g0 > 0, g0, 1.0), torch.where(g1 > 0, RATIO_MAX, 1.0))
-    ratio = torch.nan_to_num(ratio, nan=RATIO_MAX, posinf=RATIO_MAX).clamp(0.0, RATIO_MAX)
-    return torch.where(backup == 0, 0.0, ratio)
+    grew = g1.to(torch.float32) > g0.to(torch.float32) * torch.tensor(1.0 + tau, dtype=torch.float32)
+    return (grew & (backup != 0)).to(torch.float32)
 
 
 def select_by_key(candidates: torch.Tensor, key: torch.Tensor, score: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
@@ -233,14 +230,14 @@ class TensorProbe:
 
     def apply_(self, tau: float) -> torch.Tensor:
         """Restore all candidates, then zero those with g1 <= g0 * (1 + tau) (``target="candidates"``)
-        or the exact rule's ``count`` (``target="exact"``, tau unused); returns the pruned mask."""
+        or exactly ``count`` chosen by the exact rule (``target="exact"``); returns the pruned mask."""
         self.tau = tau
         if self.count is None:
             self.mask = torch.ops.gradprobe.probe_apply_(self.param.data, self.candidates, self.backup, self.g0,
                                                          self.g1, 1.0 + tau)
             return self.mask
-        self.mask = select_by_key(self.candidates, growth_key(self.backup, self.g0, self.g1), self.score, self.count,
-                                  self.per_row)
+        self.mask = select_by_key(self.candidates, exact_key(self.backup, self.g0, self.g1, tau), self.score,
+                                  self.count, self.per_row)
         self.param.data.masked_scatter_(self.candidates, self.backup)
         self.param.data.masked_fill_(self.mask, 0)
         return self.mask

@@ -1,4 +1,4 @@
-"""target="exact" (exact counts, the growth-key rule) and mode="regional" of the gradient probe."""
+"""target="exact" (exact counts, the did-not-grow-first rule) and mode="regional" of the gradient probe."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from tiny_models import random_batches, tiny_llama
 import gradprobe
 from gradprobe.iterative import SparsitySchedule, ThresholdSearch, iterative_prune_
 from gradprobe.models import get_adapter
-from gradprobe.probe import _Runner, growth_key, probe, select_by_key
+from gradprobe.probe import _Runner, exact_key, probe, select_by_key
 from tests.test_probe import ref_candidates, ref_maxabs_grads, ref_norms, weights
 
 
@@ -32,9 +32,14 @@ def ref_select(candidates, key, score, k, per_row):
     return out
 
 
-def ref_probe_exact(model, batches, s, s_cand, scope, r=0.1):
+def ref_key(orig, g0, g1, tau=0.0):
+    """1 = the gradient grew (G1 > G0 (1 + tau) in fp32) and the weight is not already zero, else 0."""
+    return ((g1.float() > g0.float() * torch.tensor(1.0 + tau, dtype=torch.float32)) & (orig != 0)).float()
+
+
+def ref_probe_exact(model, batches, s, s_cand, scope, r=0.1, tau=0.0):
     """The whole rule by plain autograd: candidates at s', W[T] *= r, G1; prune the k smallest
-    (growth key, score, index) per row / tensor; counts for global from the global selection at s."""
+    (grew, score, index) per row / tensor; counts for global from the global selection at s."""
     ws = weights(model)
     names = list(ws)
     norms = ref_norms(model, names, batches)
@@ -50,7 +55,7 @@ def ref_probe_exact(model, batches, s, s_cand, scope, r=0.1):
     with torch.no_grad():
         for n in names:
             c = cands[n]
-            key = growth_key(orig[n][c], g0[n][c].float(), g1[n][c].float())
+            key = ref_key(orig[n][c], g0[n][c], g1[n][c], tau)
             score = (orig[n].abs().float() * norms[n].abs())[c]
             if scope == "row":
                 k, per_row = int(s * c.shape[1]), True
@@ -87,11 +92,12 @@ def test_select_by_key_equals_plain_sort_with_ties(per_row):
             assert int(got.sum()) == kk
 
 
-def test_growth_key_edge_cases():
-    backup = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0])
-    g0 = torch.tensor([2.0, 0.0, 0.0, 1.0, 1e-38])
-    g1 = torch.tensor([1.0, 0.0, 3.0, 5.0, 1e38])
-    assert growth_key(backup, g0, g1).tolist() == [0.5, 1.0, pytest.approx(1e38), 0.0, pytest.approx(1e38)]
+def test_exact_key_edge_cases():
+    backup = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, -2.0])
+    g0 = torch.tensor([2.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    g1 = torch.tensor([1.0, 0.0, 3.0, 5.0, 1.05, 1.2])
+    assert exact_key(backup, g0, g1).tolist() == [0.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+    assert exact_key(backup, g0, g1, 0.1).tolist() == [0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
 
 
 @pytest.mark.parametrize("scope", ["row", pytest.param("layer", marks=pytest.mark.slow),
@@ -99,8 +105,8 @@ def test_growth_key_edge_cases():
 def test_exact_model_mode_equals_reference_and_counts(batches, scope):
     model, ref = tiny_llama(), tiny_llama()
     masks = gradprobe.probe_prune_(model, batches, 0.5, scope=scope, mode="model", target="exact",
-                                   candidate_sparsity=0.7)
-    want = ref_probe_exact(ref, list(batches), 0.5, 0.7, scope)
+                                   candidate_sparsity=0.7, gradient_threshold=0.02)
+    want = ref_probe_exact(ref, list(batches), 0.5, 0.7, scope, tau=0.02)
     total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == int(0.5 * total)
     for n, w in weights(model).items():
@@ -124,7 +130,7 @@ def test_exact_is_deterministic_and_differs_from_wanda(batches, mode):
         assert ma[n].sum(1).tolist() == [int(0.4 * ma[n].shape[1])] * ma[n].shape[0]
     wanda = tiny_llama()
     gradprobe.prune(wanda, batches, gradprobe.PruneConfig(sparsity=0.4, nsamples=3, seqlen=24))
-    assert any(not torch.equal(weights(wanda)[n] == 0, ma[n]) for n in ma)  # the growth key changed the choice
+    assert any(not torch.equal(weights(wanda)[n] == 0, ma[n]) for n in ma)  # the probe changed the choice
 
 
 @pytest.mark.slow
@@ -178,7 +184,7 @@ def test_regional_equals_block_loss_reference_and_needs_one_layer(batches, monke
     g1 = g(names)
     for n in names:
         c = cand[n]
-        want = ref_select(c, growth_key(orig[n][c], g0[n][c], g1[n][c]), orig[n].abs().float()[c],
+        want = ref_select(c, ref_key(orig[n][c], g0[n][c], g1[n][c]), orig[n].abs().float()[c],
                           int(0.5 * c.shape[1]), True)
         assert torch.equal(res.tensors[n].mask, want), n
 
@@ -192,9 +198,14 @@ def test_iterative_exact_hits_every_target(batches):
     for n, w in weights(model).items():
         assert (w == 0).sum(1).tolist() == [w.shape[1] // 2] * w.shape[0]
         assert torch.equal(res.masks[n], w == 0)
-    with pytest.raises(ValueError, match="tune"):
-        iterative_prune_(tiny_llama(), batches, schedule=SparsitySchedule(0.25, 0.25, 0.5), evaluate=lambda m: 1.0,
-                         gradient_threshold=0.1, tune=ThresholdSearch(), target="exact")
+    # a failing step re-decided with smaller tau keeps the exact counts
+    model = tiny_llama()
+    zeros = lambda m: float(sum(int((w == 0).sum()) for w in weights(m).values()))  # noqa: E731  (fails any pruning)
+    res = iterative_prune_(model, batches, schedule=SparsitySchedule(0.25, 0.25, 0.5), evaluate=zeros,
+                           max_metric_drop=0.0, gradient_threshold=0.1, tune=ThresholdSearch(max_trials=2),
+                           target="exact", mode="model")
+    assert res.steps[0].trials == 2 and res.steps[0].achieved == 0.25 and not res.steps[0].accepted
+    assert zeros(model) == 0.0  # the rejected step is undone bit for bit
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
