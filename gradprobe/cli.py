@@ -128,7 +128,8 @@ def _add_probe_args(p: argparse.ArgumentParser) -> None:
                         "with the block-local loss ||block output||^2 (regional)")
     g.add_argument("--probe-target", choices=["candidates", "exact"], default="candidates",
                    help="probe: prune the candidates whose gradient did not grow (candidates; prunes <= --sparsity), "
-                        "or exactly --sparsity: the least-grown of candidates chosen at --candidate-sparsity (exact)")
+                        "or exactly --sparsity: of the candidates at --candidate-sparsity, the not-grown ones first, then the "
+                        "grown ones, each in score order (exact)")
     g.add_argument("--candidate-sparsity", type=_fraction, default=None,
                    help="probe --probe-target exact: candidate fraction s' >= --sparsity (default s + 0.2 (1 - s))")
     g.add_argument("--probe-order", choices=["reverse", "forward"], default="reverse", help="probe: layer order in layerwise mode")
