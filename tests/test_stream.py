@@ -289,12 +289,26 @@ def test_cli_stream_needs_a_local_directory(tmp_path, capsys):
     assert "--stream reads a local checkpoint directory" in capsys.readouterr().err
 
 
-def test_cli_stream_equals_cli_in_memory(checkpoint, tmp_path, capsys):
+def test_cli_stream_equals_cli_in_memory(checkpoint, tmp_path, capsys, monkeypatch):
+    """An interrupted (Ctrl-C at layer 2) ``--stream`` run, rerun, equals the in-memory CLI run."""
     model_dir, text = checkpoint
     before = _digest(model_dir)
     assert cli.main(prune_argv(model_dir, text, tmp_path / "mem", "--no-eval", "--no-plot")) == 0
-    assert cli.main(prune_argv(model_dir, text, tmp_path / "str", "--stream", "--no-plot")) == 0
-    assert "perplexity: skipped with --stream" in capsys.readouterr().out
+    real = StreamedWeights.materialize
+
+    def interrupt(self, i):
+        if i == 2:
+            raise KeyboardInterrupt
+        real(self, i)
+
+    argv = prune_argv(model_dir, text, tmp_path / "str", "--stream", "--no-plot")
+    monkeypatch.setattr(StreamedWeights, "materialize", interrupt)
+    assert cli.main(argv) == 130
+    monkeypatch.setattr(StreamedWeights, "materialize", real)
+    assert not (tmp_path / "str").exists()
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity: skipped with --stream" in printed and "restored from the checkpoint: layers [0, 1]" in printed
     assert _digest(model_dir) == before
     _assert_same_weights(_state(tmp_path / "str"), _state(tmp_path / "mem"))
     run = json.loads((tmp_path / "str" / "gradprobe_run.json").read_text())
