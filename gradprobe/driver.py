@@ -478,6 +478,8 @@ class LayerwisePruner:
     """One pruning run. Build with the model, validated config and (for Wanda) calibration ids.
 
     All validation happens in ``__init__``; :meth:`run` is the only method that modifies the model.
+    With a ``layer_provider`` (:class:`LayerProvider`) the model may live on the meta device: the loop
+    asks the provider for each layer's weights and hands them back once the layer is checkpointed.
     """
 
     def __init__(
