@@ -201,6 +201,7 @@ def build_skeleton(source: SourceCheckpoint, dtype: Any = "auto") -> tuple[nn.Mo
                       torch.float32)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dt)
+    model.tie_weights()  # from_config under init_empty_weights leaves a tied lm_head untied
     model.eval()
     names = _module_names(model)
     state = model.state_dict()

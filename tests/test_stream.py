@@ -155,6 +155,23 @@ def test_single_file_qwen2_with_biases(tmp_path):
     _assert_same_weights(_state(tmp_path / "out"), _in_memory(src, config, batches))
 
 
+def test_tied_embeddings(tmp_path):
+    """A tied lm_head is not in the checkpoint: streaming accepts it, the output stays tied."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=True)
+    src = _save_sharded(tmp_path / "tied", LlamaForCausalLM(cfg), "100KB")
+    config, batches = _cfg(**WANDA), random_batches(NS, SEQ, VOCAB)
+    _stream(src, tmp_path / "out", config, batches)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert got.lm_head.weight.data_ptr() == got.model.embed_tokens.weight.data_ptr()
+    _assert_same_weights(got.state_dict(), _in_memory(src, config, batches))
+    with pytest.raises(ValueError, match="tied to the input embeddings"):
+        _stream(src, tmp_path / "out2", _cfg(method="magnitude", include_lm_head=True))
+
+
 def test_bf16_source_and_dtype_override(tmp_path):
     """bf16 shards (tensors copied byte for byte), and dtype=float32 on them: each output is what
     from_pretrained(dtype=...) + prune saves; the config records the new dtype."""
