@@ -48,7 +48,7 @@ class RankFailedError(RuntimeError):
 
 
 class _State:
-    failed = False  # a failure was exchanged: the group is done for this run, no more collectives
+    failed = False  # a failure was exchanged (every rank knows): not announced again by an outer guard
     broken = False  # a collective itself raised (timeout, dead peer): no more collectives
     depth = 0  # nesting of guard()
 
@@ -104,8 +104,9 @@ def _comm_device() -> torch.device:
 
 def _flag(message: str | None) -> None:
     """The error-flag exchange that opens every collective: raises on every rank if any rank failed."""
-    if _state.failed or _state.broken:
-        raise RankFailedError("the process group already failed in this run; no further collectives")
+    if _state.broken:
+        raise RankFailedError("a collective of this process group failed (timeout or dead rank); no further "
+                              "collectives: destroy the group and start again")
     try:
         flag = torch.tensor([0 if message is None else 1], dtype=torch.int32, device=_comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

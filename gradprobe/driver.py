@@ -17,6 +17,11 @@ A rerun restores finished layers and *recomputes* their outputs from the layer-0
 restored (pruned) weights instead of storing activations (N*L*H per boundary: 2 GiB at 128x2048x4096
 bf16). The recomputation repeats exactly the forwards of the uninterrupted run, so the result is
 bit-identical on a deterministic device.
+
+Under ``torch.distributed`` (:mod:`gradprobe.distributed`) each rank embeds and propagates only its
+contiguous share of the windows; the statistics are combined in global sample order, so every rank
+selects the masks one process selects (checked by a digest per layer before the checkpoint is written,
+by rank 0 only).
 """
 
 from __future__ import annotations

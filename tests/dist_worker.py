@@ -87,15 +87,16 @@ def _stream():
     return {}
 
 
-def _cli():
-    """``gradprobe prune`` of $GP_MODEL (calibration text $GP_TEXT) into $GP_OUT/cli: inside the process group
+def _cli(name: str = "cli", *extra: str):
+    """``gradprobe prune`` of $GP_MODEL (calibration text $GP_TEXT) into $GP_OUT/NAME: inside the process group
     the launcher made, as under torchrun; rank 0 writes."""
     from tiny_models import prune_argv
 
     from gradprobe import cli
 
-    out = Path(os.environ["GP_OUT"]) / "cli"
-    argv = prune_argv(os.environ["GP_MODEL"], os.environ["GP_TEXT"], out, "--no-eval", "--no-plot", "--batch-size", "3")
+    out = Path(os.environ["GP_OUT"]) / name
+    argv = prune_argv(os.environ["GP_MODEL"], os.environ["GP_TEXT"], out, "--no-eval", "--no-plot", "--batch-size", "3",
+                      *extra)
     rc = cli.main(argv)
     if rc != 0:
         raise RuntimeError(f"gradprobe prune exited with {rc}")
@@ -168,6 +169,8 @@ CASES = {
     "all_max": _all_max,
     "stream": _stream,
     "cli": _cli,
+    "cli_probe": lambda: _cli("cli_probe", "--probe"),
+    "sparsegpt_refused": lambda: _wanda(method="sparsegpt"),
     "failing": _failing,
     "resume": _resume,
 }

@@ -20,7 +20,7 @@ import torch
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 ROOT = WORKER.parent.parent
 MASK_CASES = ["wanda_row", "wanda_layer", "wanda_global", "wanda_24", "wanda_head", "owl", "probe_layerwise",
-              "probe_model_global", "all_max", "stream", "cli"]
+              "probe_model_global", "all_max", "stream", "cli", "cli_probe"]
 
 
 def _free_port() -> int:
@@ -98,7 +98,7 @@ def _check_equal(ranks: list[tuple[dict, dict]], ref: dict[str, torch.Tensor], c
                 assert torch.equal(tensors[k], v), f"rank {r} of {len(ranks)}: {k} differs from one process"
     pruned = [k for k in ref if not k.startswith("all_max/") and (k.startswith("wanda_head/") or "lm_head" not in k)]
     assert pruned and all(int((ref[k] == 0).sum()) > 0 for k in pruned)  # every case really pruned
-    for case in ("stream", "cli"):  # rank 0 wrote the same checkpoint as one process, and no staging is left
+    for case in ("stream", "cli", "cli_probe"):  # rank 0 wrote the same checkpoint as one process, and no staging is left
         if case in cases:
             a = load_file(str(ref_dir / case / "model.safetensors"))
             b = load_file(str(run_dir / case / "model.safetensors"))
@@ -118,7 +118,7 @@ def checkpoint(tmp_path_factory):
 def world2(tmp_path_factory, checkpoint):
     """One launch of 2 ranks: every mask case, then the failing-rank case, then its rerun (resume)."""
     tmp = tmp_path_factory.mktemp("world2")
-    return tmp, _launch(tmp, 2, [*MASK_CASES, "failing", "resume"], GP_TIMEOUT="60", **_env_of(checkpoint))
+    return tmp, _launch(tmp, 2, [*MASK_CASES, "sparsegpt_refused", "failing", "resume"], GP_TIMEOUT="60", **_env_of(checkpoint))
 
 
 def _env_of(checkpoint) -> dict[str, str]:
@@ -139,6 +139,12 @@ def test_masks_equal_one_process_world_3(tmp_path, checkpoint, monkeypatch):
     (tmp_path / "run").mkdir()
     ranks = _launch(tmp_path / "run", 3, MASK_CASES, **_env_of(checkpoint))
     _check_equal(ranks, _one_process(MASK_CASES, tmp_path / "ref"), MASK_CASES, tmp_path / "ref", tmp_path / "run")
+
+
+def test_sparsegpt_is_refused_on_every_rank(world2):
+    for record, _ in world2[1]:
+        got = record["sparsegpt_refused"]
+        assert not got["ok"] and got["type"] == "ValueError" and "several processes" in got["error"], got
 
 
 def test_failing_rank_stops_every_rank_without_output(world2):
