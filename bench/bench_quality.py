@@ -92,7 +92,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT / "quality_table")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense row (e.g. a run over other --targets has it)")
     ap.add_argument("--merge", nargs="+", type=Path, metavar="CSV",
-                    help="no pruning: render one table from the CSVs of runs over different --targets")
+                    help="no pruning: render one table from the CSVs of runs over different --targets / --methods")
+    ap.add_argument("--note", default="", help="a sentence appended to the table's header (e.g. what was not run)")
     args = ap.parse_args()
     if args.merge:
         rows = []
@@ -100,6 +101,13 @@ def main() -> None:
             with open(path, newline="") as f:
                 rows += [r for r in csv.DictReader(f) if r["method"] != "dense" or not any(
                     q["method"] == "dense" for q in rows)]
+        wanda = {r["target"]: float(r["perplexity"]) for r in rows if r["method"] == "Wanda" and r["perplexity"]}
+        for r in rows:  # relative to the Wanda row of the same target, whichever run measured it
+            if r["perplexity"] and r["target"] in wanda:
+                r["vs_wanda_pct"] = round(100.0 * (float(r["perplexity"]) / wanda[r["target"]] - 1.0), 1)
+        order = {m: i for i, m in enumerate(["dense", *METHODS])}
+        rows.sort(key=lambda r: (r["target"] != "dense", TARGETS.index(r["target"]) if r["target"] in TARGETS else -1,
+                                 order.get(r["method"], len(order))))
         _write(args, rows)
         return
     torch.manual_seed(0)
@@ -179,7 +187,10 @@ def _write(args, rows: list[dict]) -> None:
         f"every method), perplexity on the first {args.windows} x 256 tokens of lee_background; one run, every "
         "method from the same dense weights. Per-row targets (OWL: per-layer budgets summing to the target). "
         "`vs Wanda` = perplexity relative to Wanda at the same target (negative = better). Prune seconds on "
-        "a shared, loaded 2-core CPU machine.",
+        "a shared, loaded 2-core CPU machine."
+        + (" Merged from runs over subsets of targets / methods (same settings and calibration, each from the "
+           "dense weights, run concurrently: prune seconds depend on the load at the time)." if args.merge else "")
+        + (" " + args.note if args.note else ""),
         "",
         "| target | method | achieved sparsity | perplexity | vs Wanda | prune s | note |",
         "|---|---|---:|---:|---:|---:|---|",
