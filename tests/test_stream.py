@@ -104,7 +104,13 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# the default run keeps the issue's cases (magnitude, Wanda row, 2:4); the rest run with -m slow
+SLOW_CASES = ("sparsegpt", "wanda-lm_head", "magnitude-per-layer")
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES]
+)
 def test_streamed_equals_in_memory(sharded, wanda_out, tmp_path, case):
     config, batches = _cfg(**CASES[case]), random_batches(NS, SEQ, VOCAB)
     if case == "wanda-row":
@@ -143,6 +149,7 @@ def test_shard_names_and_index_preserved(sharded, wanda_out):
         assert (out / f).read_bytes() == (sharded / f).read_bytes()
 
 
+@pytest.mark.slow  # seconds; keeps the default run inside its budget
 def test_single_file_qwen2_with_biases(tmp_path):
     """Unsharded model.safetensors stays one file; biases and norms are copied unchanged."""
     src = tmp_path / "qwen"
@@ -155,6 +162,7 @@ def test_single_file_qwen2_with_biases(tmp_path):
     _assert_same_weights(_state(tmp_path / "out"), _in_memory(src, config, batches))
 
 
+@pytest.mark.slow  # seconds; keeps the default run inside its budget
 def test_tied_embeddings(tmp_path):
     """A tied lm_head is not in the checkpoint: streaming accepts it, the output stays tied."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -172,6 +180,7 @@ def test_tied_embeddings(tmp_path):
         _stream(src, tmp_path / "out2", _cfg(method="magnitude", include_lm_head=True))
 
 
+@pytest.mark.slow  # seconds; keeps the default run inside its budget
 def test_bf16_source_and_dtype_override(tmp_path):
     """bf16 shards (tensors copied byte for byte), and dtype=float32 on them: each output is what
     from_pretrained(dtype=...) + prune saves; the config records the new dtype."""
@@ -204,6 +213,7 @@ def test_resume_after_failure_mid_run(sharded, wanda_out, tmp_path):
     _assert_same_weights(_state(out), _state(wanda_out[0]))
 
 
+@pytest.mark.slow  # seconds; keeps the default run inside its budget
 def test_resume_after_failure_while_writing(sharded, tmp_path, monkeypatch):
     """A failure while the output shards are written leaves no output; the rerun restores every layer
     from the verified checkpoints and writes the same result."""
@@ -228,6 +238,7 @@ def test_resume_after_failure_while_writing(sharded, tmp_path, monkeypatch):
     _assert_same_weights(_state(out), _in_memory(sharded, config, None))
 
 
+@pytest.mark.slow  # seconds; keeps the default run inside its budget
 def test_corrupt_checkpoint_is_redone(sharded, tmp_path):
     """A checkpoint that fails its sha256 is reported and its layer (and the later ones) recomputed."""
     config = _cfg(method="magnitude")
@@ -249,6 +260,7 @@ def test_corrupt_checkpoint_is_redone(sharded, tmp_path):
     _assert_same_weights(_state(out), _in_memory(sharded, config, None))
 
 
+@pytest.mark.slow  # seconds; keeps the default run inside its budget
 def test_resume_with_other_settings_is_refused(sharded, tmp_path):
     out = tmp_path / "out"
 
