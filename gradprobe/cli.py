@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_probe_args(p)
     _add_eval_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip the dense and pruned perplexity")
+    from gradprobe import zeroshot
+
+    zeroshot.add_cli_args(p, "--eval-tasks")
     p.add_argument(
         "--dist-timeout", type=_positive_int, default=1800, metavar="S",
         help="under torchrun: seconds a rank waits for the others at a collective before all exit with an error",
@@ -307,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e)
     _add_eval_args(e)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+    zeroshot.add_cli_args(e, "--tasks")
 
     sub.add_parser("env", help="versions, devices and the backend of every op (python -m gradprobe.env)")
     return parser
@@ -486,6 +490,10 @@ def cmd_prune(args) -> int:
     except (ValueError, FileExistsError) as exc:
         raise UsageError(str(exc).replace("out_dir", "--out", 1)) from None
     _preflight(preflight.check_out_location, out)
+    if args.tasks is not None and getattr(args, "stream", False):
+        raise UsageError("--eval-tasks needs the whole model in memory and cannot be combined with --stream; "
+                         "run gradprobe eval --tasks on the output instead")
+    tasks = _zeroshot_plan(args)
     partial = io.partial_dir(out)
     settings = preflight.resume_identity(args, config)
     run_file = partial / "settings.json"
@@ -534,6 +542,7 @@ def cmd_prune(args) -> int:
         ids = data.eval_ids(tokenizer, args.eval_source)
         dense = _evaluate(model, ids, sizes, args.device, "dense")
         print(_eval_line(args.eval_source, dense), flush=True)
+    zs_dense = _zeroshot(tasks, model, tokenizer, args.device, "dense") if distributed.is_writer() else None
 
     if distributed.is_writer():  # under torchrun only rank 0 writes; the others read its checkpoints
         if discard:
@@ -566,6 +575,7 @@ def cmd_prune(args) -> int:
     pruned = None
     if evaluate:
         pruned = _evaluate(model, ids, sizes, args.device, "pruned")
+    zs_pruned = _zeroshot(tasks, model, tokenizer, args.device, "pruned") if distributed.is_writer() else None
 
     summary = {
         "model": args.model or "embedded:SmolLM2-135M-Instruct",
@@ -589,6 +599,10 @@ def cmd_prune(args) -> int:
         "seconds": None,
     }
     report.run = _run_record(args, config, report, summary["calibration"])
+    if tasks is not None:
+        from gradprobe import zeroshot
+
+        summary["zeroshot"] = report.zeroshot = zeroshot.record(dense=zs_dense, pruned=zs_pruned)
     summary |= {k: report.run[k] for k in ("command", "method", "probe", "allocation", "versions", "arguments")}
     summary["seconds"] = time.perf_counter() - t0
 
@@ -620,6 +634,10 @@ def cmd_prune(args) -> int:
         print(_eval_line(args.eval_source, dense))
         print(f"perplexity: dense {dense.value:.2f} -> pruned {pruned.value:.2f} (context {dense.context}, "
               f"stride {dense.stride}, {dense.windows} windows, {dense.tokens} scored tokens)")
+    if tasks is not None:
+        from gradprobe import zeroshot
+
+        print("\n".join(zeroshot.table({"dense": zs_dense, "pruned": zs_pruned})))
     print(
         f"saved to {out} (model.safetensors, prune_report.md/.json/.png, {RUN_JSON}) "
         f"in {time.perf_counter() - t0:.1f} s total"
@@ -688,14 +706,43 @@ def cmd_eval(args) -> int:
               f"{recorded['eval_context']}, stride {recorded['eval_stride']}, {recorded['eval_windows']} windows",
               file=sys.stderr if args.json else sys.stdout, flush=True)
     sizes = _resolve_defaults(args)
+    tasks = _zeroshot_plan(args)
     model, tokenizer = _load(args)
     ids = data.eval_ids(tokenizer, args.eval_source)
     res = _evaluate(model, ids, sizes, args.device, "model")
+    from gradprobe import zeroshot
+
+    zs = zeroshot.run_cli(tasks, model, tokenizer, args.device, "model")
     if args.json:
-        print(json.dumps({"source": data.describe_source(args.eval_source, purpose="eval")} | res.as_dict()))
+        zs_json = {} if tasks is None else {"zeroshot": zeroshot.record(model=zs)}
+        print(json.dumps({"source": data.describe_source(args.eval_source, purpose="eval")} | res.as_dict() | zs_json))
     else:
         print(_eval_line(args.eval_source, res))
+        if tasks is not None:
+            print("\n".join(zeroshot.table({"model": zs})))
     return 0
+
+
+def _zeroshot_plan(args):
+    """The checked lm-eval request of --tasks / --eval-tasks (None without), before any model work."""
+    from gradprobe import zeroshot
+
+    try:
+        return zeroshot.check_cli_args(args)
+    except zeroshot.ZeroShotError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _zeroshot(plan, model, tokenizer, device, label):
+    """Run the zero-shot plan of ``prune``; a failure is a warning and never loses the pruned model."""
+    from gradprobe import zeroshot
+
+    try:
+        return zeroshot.run_cli(plan, model, tokenizer, device, label)
+    except Exception as exc:  # noqa: BLE001 - the pruned model is saved regardless
+        print(f"warning: {label} zero-shot evaluation failed ({type(exc).__name__}: {exc}); not in the report",
+              file=sys.stderr, flush=True)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,6 +71,7 @@ class PruneReport:
     model_type: str = ""
     resumed_layers: list[int] = field(default_factory=list)
     run: dict[str, Any] = field(default_factory=dict)
+    zeroshot: dict[str, Any] | None = None  # gradprobe.zeroshot.record(dense=..., pruned=...)
 
     @property
     def total_params(self) -> int:
@@ -111,6 +112,7 @@ class PruneReport:
             "layer_seconds": {str(k): v for k, v in sorted(self.layer_seconds.items())},
             "resumed_layers": list(self.resumed_layers),
             "run": self.run,
+            "zeroshot": self.zeroshot,
             "rows": [r.to_dict() for r in self.rows],
         }
 
@@ -127,6 +129,7 @@ class PruneReport:
             f"achieved sparsity **{self.sparsity:.4%}** ({self.total_pruned:,} / {self.total_params:,}) in {self.seconds:.2f} s",
             "",
             *_run_lines(self.run),
+            *_zeroshot_lines(self.zeroshot),
             "| layer | tensor | shape | target | achieved | pruned | select s |",
             "|---:|---|---|---:|---:|---:|---:|",
         ]
@@ -181,6 +184,12 @@ class PruneReport:
         if plot and optional_plot(self.plot, png):
             out["png"] = png
         return out
+
+
+def _zeroshot_lines(record: dict[str, Any] | None) -> list[str]:
+    from gradprobe.zeroshot import markdown
+
+    return markdown(record)
 
 
 def _run_lines(run: dict[str, Any]) -> list[str]:
