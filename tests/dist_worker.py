@@ -112,6 +112,8 @@ def failing_mask_fn(w, norm, s, ctx):
     from gradprobe.driver import default_mask_fn
 
     if _FAIL["on"] and distributed.rank() == 1 and ctx.layer_idx == 1:
+        if _FAIL.get("die"):
+            os._exit(3)  # no exception, no announcement: the others must time out, not hang
         raise ValueError("injected failure on rank 1")
     return default_mask_fn(w, norm, s, ctx)
 
@@ -129,6 +131,12 @@ def _resumable(fail: bool) -> dict[str, torch.Tensor]:
 
 def _failing():
     """Rank 1 raises inside layer 1's mask step; every rank must stop with an error."""
+    return _resumable(True)
+
+
+def _dies():
+    """Rank 1 exits hard inside layer 1; rank 0 must fail with an error (process-group timeout at worst)."""
+    _FAIL["die"] = True
     return _resumable(True)
 
 
@@ -173,6 +181,7 @@ CASES = {
     "sparsegpt_refused": lambda: _wanda(method="sparsegpt"),
     "failing": _failing,
     "resume": _resume,
+    "dies": _dies,
 }
 
 

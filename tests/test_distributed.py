@@ -235,3 +235,14 @@ def test_helpers_are_identities_without_a_process_group():
     distributed.agree("nothing", "x")
     with distributed.guard():
         distributed.barrier()
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_fails_the_others_within_the_timeout(tmp_path):
+    t0 = time.monotonic()
+    procs = _start(2, [str(WORKER), str(tmp_path), "dies"], GP_TIMEOUT="20")
+    (_, out0), (rc1, _) = _wait(procs, 300)  # never a hang: _wait fails the test after 300 s
+    assert rc1 == 3
+    r0 = json.loads((tmp_path / "rank0.json").read_text())["dies"]  # rank 0 recorded an error and went on
+    assert not r0["ok"] and r0["type"] == "RankFailedError" and "collective failed" in r0["error"], (r0, out0[-2000:])
+    assert time.monotonic() - t0 < 300
