@@ -291,7 +291,7 @@ def test_cpp_baseline_isa_path_is_exact(monkeypatch):
 # gradprobe_cpp.global_select_path_counts() counts, process-wide, how often each path decided:
 # [bracket, buffer overflow -> histograms, bracket missed -> histograms, histogram passes].
 BRACKET, OVERFLOW, MISS, HISTOGRAMS = range(4)
-BRACKET_GROUP = [(300, 1000), (64, 777), (5, 4099), (1, 3)]
+BRACKET_GROUP = [(120, 1000), (64, 777), (5, 4099), (1, 3)]
 
 
 def _paths_delta(fn):
@@ -320,10 +320,19 @@ def check_cpp_paths(ws, ns, k, expect_path):
     return masks
 
 
+# every dtype x score with the AVX2 loops; the portable loops (GRADPROBE_CPP_DISABLE_AVX2=1) on two
+BRACKET_CASES = [(d, n, True) for d in DTYPES for n in (False, True)] + [
+    (torch.float32, True, False),
+    (torch.bfloat16, False, False),
+]
+
+
 @requires_cpp
-@pytest.mark.parametrize("avx2", [True, False], ids=["avx2", "portable"])
-@pytest.mark.parametrize("use_norm", [False, True], ids=["magnitude", "wanda"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(
+    "dtype,use_norm,avx2",
+    BRACKET_CASES,
+    ids=[f"{dtype_id(d)}-{'wanda' if n else 'magnitude'}-{'avx2' if a else 'portable'}" for d, n, a in BRACKET_CASES],
+)
 def test_cpp_bracket_path_is_exact(monkeypatch, dtype, use_norm, avx2):
     """Random groups: the sample brackets the k-th score, one pass decides; masks equal the oracle."""
     if not avx2:
@@ -333,7 +342,7 @@ def test_cpp_bracket_path_is_exact(monkeypatch, dtype, use_norm, avx2):
     ws = make_group(BRACKET_GROUP, dtype)
     ns = [make_norm(s[1]) for s in BRACKET_GROUP] if use_norm else []
     total = sum(w.numel() for w in ws)
-    for k in (1, total // 10, total // 2, total - 1000):
+    for k in (1, total // 2, total - 1000):
         # bf16 / fp16 magnitudes tie in classes of ~0.2 % of the group: the tie cut lands in a class
         check_cpp_paths(ws, ns, k, BRACKET)
 
@@ -400,7 +409,7 @@ def test_cpp_bracket_rejects_nonfinite_before_writing(monkeypatch, bad, cap):
     if cap is not None:
         monkeypatch.setenv("GRADPROBE_CPP_GLOBAL_MAX_CANDIDATES", cap)
     ws = make_group(BRACKET_GROUP, torch.float32)
-    ws[0][200, 999] = bad
+    ws[0][100, 999] = bad
     before = [w.clone() for w in ws]
     with pytest.raises(ValueError, match=r"weights\[0\] contains NaN or Inf"):
         torch.ops.gradprobe_cpp.global_masks(ws, [], 1000)
