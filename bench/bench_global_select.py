@@ -2,11 +2,19 @@
 
 One command each:
 
+    python bench/bench_global_select.py --read-pass-only   # CPU targets: 2 Llama-2-7B layers, fp32 + bf16
+
     python bench/bench_global_select.py                 # CPU: >= 1e9 bf16 scores (Llama-2-7B layers), memory report
     python bench/bench_global_select.py --device cuda   # GPU: a whole Llama-2-7B (6.5e9 scores), select + in-place mask
     pytest bench/bench_global_select.py -m benchmark --benchmark-enable   # pytest-benchmark cases (small)
 
-CPU inputs, to fit 24 GiB: one decoder layer of real Llama-2-7B linear shapes (7 distinct bf16
+Read-pass case (CPU, first): ``--read-pass-layers`` (default 2) distinct Llama-2-7B decoder layers
+(14 tensors, 4.05e8 weights) in fp32 and bf16, magnitude and Wanda norms; gradprobe's global masks
+(allocation of the bool masks included) are timed side by side with one read pass over the same
+tensors (``torch.sum`` of each, timed before and after; the faster is the floor) and with concat +
+``kthvalue`` (threshold only, and + masks). Targets: masks <= 4 read passes, >= 30x concat + kthvalue.
+
+CPU inputs of the big group, to fit 24 GiB: one decoder layer of real Llama-2-7B linear shapes (7 distinct bf16
 tensors, 2.0e8 weights, 0.4 GB) is generated once, and the global group is that layer's tensors
 repeated BY REFERENCE ``--layers`` times (default: enough for >= 1e9 scores). The op still reads every
 entry of the list (each entry is a separate pass over 0.4 GB, far above the caches), so time and
@@ -101,9 +109,12 @@ def verify_global_masks(ws, ns, masks, k: int, thr: torch.Tensor, take: torch.Te
 def nbytes(ws, ns, mode: str) -> int:
     r = sum(w.numel() * w.element_size() for w in ws) + sum(n.numel() * 4 for n in ns)
     n = sum(w.numel() for w in ws)
-    return {"threshold": r, "mask": r + n, "inplace": r + n + sum(w.numel() * w.element_size() for w in ws)}[
-        mode
-    ]
+    return {
+        "floor": r,
+        "threshold": r,
+        "mask": r + n,
+        "inplace": r + n + sum(w.numel() * w.element_size() for w in ws),
+    }[mode]
 
 
 def run_case(b: H.Bench, ws, ns, label: str, case: str, fn, mode: str, **kw) -> None:
@@ -226,6 +237,80 @@ def bench_big(b: H.Bench, ws, ns, label: str, budget_s: float, note: str) -> dic
     return mem
 
 
+READ_PASS_CASE = "torch.sum (one read pass)"
+READ_PASS_GOAL, KTHVALUE_GOAL = 4.0, 30.0
+
+
+def bench_read_pass(b: H.Bench, model: str, layers: int, dtype: torch.dtype, use_norm: bool, budget_s: float,
+                    scale: int = 1, baseline: bool = True) -> dict:
+    """The global masks of ``layers`` distinct decoder layers (Llama-2-7B: 2 layers = 14 tensors,
+    4.05e8 weights) measured side by side with one read pass over the same tensors (``torch.sum`` of
+    each) and, if ``baseline``, with concat + ``kthvalue`` (~24 bytes per score of peak memory: the
+    fp32 scores, their concatenation, kthvalue's copy and int64 indices); returns the target ratios
+    (masks included). Without the baseline the masks are verified against the contract alone."""
+    ws, ns = [], []
+    for layer in range(layers):
+        w, n = make_layer(model, dtype, b.device, seed=100 + layer, scale=scale)
+        ws += w
+        ns += n
+    norms = ns if use_norm else None
+    ns_rows = ns if use_norm else []
+    total = sum(w.numel() for w in ws)
+    k = num_pruned(total, SPARSITY)
+    label = (f"{layers} layers{f' /{scale}' if scale > 1 else ''} {total:.3g} {H.DTYPE_NAMES[dtype]} "
+             f"{'norm' if use_norm else 'magnitude'}")
+    extra = {"scores": total, "tensors": len(ws)}
+
+    def check():
+        t = gradprobe.kth_threshold(ws, SPARSITY, norm=norms, scope="global")
+        if baseline:
+            H.check_equal(t.value, bl.global_concat_kthvalue_threshold(ws, norms, k), "threshold vs concat+kthvalue")
+        masks = gradprobe.global_prune_masks(ws, SPARSITY, norms=norms)
+        verify_global_masks(ws, ns_rows, masks, k, t.value, t.take)
+
+    run_case(b, ws, ns_rows, label, READ_PASS_CASE, lambda: [w.sum() for w in ws], "floor",
+             budget_s=budget_s, extra=extra)
+    run_case(b, ws, ns_rows, label, "gradprobe.global_prune_masks",
+             lambda: gradprobe.global_prune_masks(ws, SPARSITY, norms=norms), "mask",
+             backend=H.backend_for("global_masks", b.device), check=check, budget_s=budget_s, extra=extra)
+    run_case(b, ws, ns_rows, label, "gradprobe.kth_threshold(global)",
+             lambda: gradprobe.kth_threshold(ws, SPARSITY, norm=norms, scope="global"), "threshold",
+             backend=H.backend_for("global_threshold", b.device), budget_s=budget_s, extra=extra)
+    # the read pass again, right after: the machine's load drifts, the floor is taken as the faster
+    run_case(b, ws, ns_rows, label, READ_PASS_CASE + " again", lambda: [w.sum() for w in ws], "floor",
+             budget_s=budget_s, extra=extra)
+    for case, fn, mode in (
+        ("concat + torch.kthvalue", bl.global_concat_kthvalue_threshold, "threshold"),
+        ("concat + kthvalue, masks score <= t", bl.global_concat_kthvalue_masks, "mask"),
+    ) if baseline else ():
+        # one call, no warm-up: each call allocates its concatenation afresh (none is colder), and a
+        # call takes seconds to tens of seconds
+        run_case(b, ws, ns_rows, label, case, lambda fn=fn: fn(ws, norms, k), mode, warmup=0, min_reps=1,
+                 budget_s=1.0, extra=extra)
+    masks = b.get(label, "gradprobe.global_prune_masks").timing.median_ms
+    floor = min(b.get(label, READ_PASS_CASE).timing.median_ms,
+                b.get(label, READ_PASS_CASE + " again").timing.median_ms)
+    return {
+        "label": label,
+        "read_passes": masks / floor,
+        "vs_kthvalue_threshold": b.ratio(label, "concat + torch.kthvalue", "gradprobe.global_prune_masks"),
+        "vs_kthvalue_masks": b.ratio(label, "concat + kthvalue, masks score <= t", "gradprobe.global_prune_masks"),
+    }
+
+
+def read_pass_targets(results: list[dict]) -> str:
+    lines = ["Targets (global masks, masks included, each ratio from one run):"]
+    for r in results:
+        lines.append(H.target_line(f"{r['label']}: masks time / one read pass", r["read_passes"], READ_PASS_GOAL,
+                                   at_most=True))
+        if r["vs_kthvalue_threshold"] is not None:
+            lines.append(H.target_line(f"{r['label']}: concat + kthvalue (threshold only) / masks",
+                                       r["vs_kthvalue_threshold"], KTHVALUE_GOAL))
+            lines.append(H.target_line(f"{r['label']}: concat + kthvalue + masks / masks",
+                                       r["vs_kthvalue_masks"], KTHVALUE_GOAL))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -245,10 +330,43 @@ def main(argv=None) -> None:
     p.add_argument("--scale", type=int, default=1, help="divide every shape by this (quick smoke runs)")
     p.add_argument("--force", action="store_true", help="run the big group even on the reference backend")
     p.add_argument("--no-csv", action="store_true")
+    p.add_argument(
+        "--read-pass-layers", type=int, default=2,
+        help="CPU: distinct layers of the read-pass / kthvalue target case (0 skips it)",
+    )
+    p.add_argument(
+        "--read-pass-dtypes", default="fp32,bf16", help="dtypes of the read-pass case (each with and without norms)"
+    )
+    p.add_argument("--read-pass-only", action="store_true", help="run only the read-pass / kthvalue target case")
+    p.add_argument(
+        "--kthvalue-scale", type=int, default=1,
+        help="read-pass case: measure concat + kthvalue on shapes divided by this (the full-size group is then "
+        "timed against the read pass only; the baseline needs ~24 bytes per score)",
+    )
     a = p.parse_args(argv)
     dev, model = a.device, MODELS[a.model]
     b = H.Bench("global_select", dev)
     print(b.header(), flush=True)
+
+    targets = []
+    if dev == "cpu" and a.read_pass_layers > 0:
+        names = {v: k for k, v in H.DTYPE_NAMES.items()}
+        for name in a.read_pass_dtypes.split(","):
+            for use_norm in (False, True):
+                full = a.kthvalue_scale <= 1
+                targets.append(bench_read_pass(b, a.model, a.read_pass_layers, names[name], use_norm, a.budget,
+                                               a.scale, baseline=full))
+                if not full:
+                    targets.append(bench_read_pass(b, a.model, a.read_pass_layers, names[name], use_norm,
+                                                   a.budget, a.scale * a.kthvalue_scale))
+    if a.read_pass_only:
+        print()
+        print(b.table(vs=SAME_OUTPUT_BASELINE))
+        print()
+        print(read_pass_targets(targets))
+        if not a.no_csv:
+            print(f"\nappended {len(b.rows)} rows to {b.save_csv()}")
+        return
 
     # --- baseline size: distinct tensors -------------------------------------------------------
     base_ws, base_ns = [], []
@@ -290,6 +408,8 @@ def main(argv=None) -> None:
     print()
     print(b.table(vs=SAME_OUTPUT_BASELINE))
     print()
+    if targets:
+        print(read_pass_targets(targets))
     print("Targets:")
     print(
         H.target_line(

@@ -8,9 +8,13 @@
 //     the mask pass reads the buffer). A strided sample brackets the k-th key so that one vector pass
 //     counts the keys below the bracket and compacts those inside; the radix refinement then only
 //     sees those candidates (falls back to the full-row histogram if the bracket missed: exact always).
-//   * global ops: stream over the tensors in 64Ki-element chunks, per-thread histograms reduced
-//     (O(buckets) memory, two passes); the mask pass writes key <= T and counts ties per chunk, then
-//     rewrites only the chunks after the take-th tie in group order.
+//   * global ops: stream over the tensors in 64Ki-element chunks. A strided sample brackets the k-th
+//     key; one pass counts the keys below the bracket, keeps the few inside it (key + offset) in a
+//     bounded buffer and, for global_masks, writes the masks; the k-th key is selected from the buffer
+//     and only the pruned candidates' mask bytes are set afterwards. A missed bracket or a full buffer
+//     falls back to two exact histogram passes (per-thread histograms, reduced) and the mask pass,
+//     which writes key <= T and counts ties per chunk, then rewrites only the chunks after the
+//     take-th tie in group order.
 //   * hot loops are compiled twice (baseline and AVX2) and picked at run time.
 // Non-finite weights are detected during the selection and raise ValueError before anything is written.
 #include <ATen/ATen.h>
@@ -19,11 +23,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_util.h"
@@ -548,29 +555,568 @@ std::vector<int64_t> group_histogram(const Group& g, PassArgs proto, uint32_t nb
   return out;
 }
 
+struct Sel {
+  uint32_t key;  // the k-th smallest key (unused when k == 0)
+  int64_t take, equal;
+};
+
+// The k-th smallest key of the group by two exact histogram passes (15 + 16 bits), every key read
+// twice; also the NaN/Inf check (pass 1 reads every key, also when k == 0).
+Sel threshold_by_histograms(const Group& g, int64_t k) {
+  std::vector<uint8_t> bad(g.chunks.size(), 0);
+  PassArgs p1{Pass::kHist1};
+  const std::vector<int64_t> h1 = group_histogram(g, p1, kGlobBuckets1, bad);
+  throw_bad_chunk(g, bad);
+  if (k == 0) return {0, 0, 0};
+  int64_t r = k - 1;
+  PassArgs p2{Pass::kHist2};
+  p2.b1 = find_bucket(h1.data(), kGlobBuckets1, r);
+  const std::vector<int64_t> h2 = group_histogram(g, p2, kGlobBuckets2, bad);
+  const uint32_t b2 = find_bucket(h2.data(), kGlobBuckets2, r);
+  return {(p2.b1 << kGlobShift) | b2, r + 1, h2[b2]};
+}
+
+// ---- global, sampled bracket: one pass over the group instead of three ---------------------------
+//
+// A deterministic sample (short runs of elements at a fixed stride, 1/251 of each tensor) gives the sample ranks of rank
+// k-1 +- 4 standard deviations, i.e. a narrow key range [lo, hi] that very likely holds the k-th key.
+// One streaming pass then counts the keys below lo, appends the keys inside [lo, hi] with their
+// offsets (the "candidates", ~0.1-0.5 % of the group) to a per-thread buffer, and, for masks, writes
+// mask = key < lo. If rank k-1 lies among the candidates (count(< lo) <= k-1 < count(<= hi)), the
+// k-th key, take and equal are selected from the buffer alone (every key equal to it is a candidate)
+// and only the candidates' mask bytes are rewritten. Otherwise (a sample that missed, adversarial
+// data) or when the buffer would exceed its cap (heavy ties inside the bracket) the exact histogram
+// passes decide. Exact either way; every count is an integer (reducible across ranks / streamed
+// tensors in any order).
+
+// The sample: runs of kSampleRun consecutive elements (whole cache lines: a strided gather of single
+// elements is bound by memory latency, not bandwidth) every kSampleStride elements of each tensor.
+// 251 is prime, so the runs' starting columns in a row-major matrix cycle through many residues.
+constexpr int64_t kSampleRun = 64, kSampleStride = 251 * kSampleRun;
+
+// Path counters (read by tests through gradprobe_cpp::global_select_path_counts).
+enum PathCounter { kPathBracket = 0, kPathOverflow = 1, kPathMiss = 2, kPathHistograms = 3, kNumPaths = 4 };
+std::atomic<int64_t> g_path_counts[kNumPaths];
+
+// Cap on the candidates of one call: GRADPROBE_CPP_GLOBAL_MAX_CANDIDATES (read on every call; 0 forces
+// the histogram passes), else max(2^16, total / 128) (6 bytes each: <= 1.2 % of the scores' fp32 size).
+int64_t max_candidates(int64_t total) {
+  if (const char* env = std::getenv("GRADPROBE_CPP_GLOBAL_MAX_CANDIDATES")) {
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= 0,
+                      "GRADPROBE_CPP_GLOBAL_MAX_CANDIDATES must be an integer >= 0, got '", env, "'");
+    return static_cast<int64_t>(v);
+  }
+  return std::max<int64_t>(int64_t{1} << 16, total >> 7);
+}
+
+template <typename T>
+inline uint32_t key_at(const T* w, const float* nrm, int64_t cols, int64_t f) {
+  using Raw = typename AbsBits<T>::Raw;
+  const uint32_t a = AbsBits<T>::get(reinterpret_cast<const Raw*>(w)[f]);
+  return nrm == nullptr ? a : f32_bits(bits_f32(a) * nrm[f % cols]) & kKeyMask;  // as fill_keys
+}
+
+struct SampleRun {
+  int64_t t, f, len, at;  // tensor, first flat index, length, position in the sample
+};
+
+// The sampled keys of every tensor, in group order. The runs sit on distinct pages (a TLB miss each,
+// costly in a VM): the next runs are prefetched while one is read.
+std::vector<uint32_t> sample_keys(const Group& g) {
+  std::vector<SampleRun> runs;
+  int64_t n = 0;
+  for (int64_t t = 0; t < static_cast<int64_t>(g.w.size()); ++t) {
+    const int64_t numel = g.w[t].numel();
+    for (int64_t f = 0; f < numel; f += kSampleStride) {
+      const int64_t len = std::min(kSampleRun, numel - f);
+      runs.push_back({t, f, len, n});
+      n += len;
+    }
+  }
+  std::vector<uint32_t> out(static_cast<size_t>(n));
+  const int64_t nr = static_cast<int64_t>(runs.size());
+  constexpr int64_t kAhead = 8;
+#pragma omp parallel for num_threads(threads_for(g.total / 16)) schedule(static)
+  for (int64_t i = 0; i < nr; ++i) {
+    if (i + kAhead < nr) {
+      const SampleRun& p = runs[i + kAhead];
+      const char* base = static_cast<const char*>(g.w[p.t].const_data_ptr()) + p.f * g.w[p.t].element_size();
+      for (int64_t b = 0; b < p.len * g.w[p.t].element_size(); b += 64) __builtin_prefetch(base + b);
+    }
+    const SampleRun& r = runs[i];
+    const at::Tensor& w = g.w[r.t];
+    const float* nrm = g.nrm[r.t].empty() ? nullptr : g.nrm[r.t].data();
+    const int64_t cols = w.size(1);
+    dispatch_weight(w.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const T* wp = w.const_data_ptr<T>();
+      for (int64_t j = 0; j < r.len; ++j) out[r.at + j] = key_at(wp, nrm, cols, r.f + j);
+      return 0;
+    });
+  }
+  return out;
+}
+
+// The key of 0-based rank r of keys (r < size): a 16-bit histogram finds its bucket, nth_element the
+// key among the few keys of that bucket.
+uint32_t sample_rank(const std::vector<uint32_t>& keys, int64_t r) {
+  std::vector<uint32_t> hist(size_t{1} << 16, 0);
+  for (uint32_t key : keys) ++hist[key >> 15];
+  const uint32_t b = find_bucket(hist.data(), 1u << 16, r);
+  std::vector<uint32_t> in;
+  for (uint32_t key : keys)
+    if ((key >> 15) == b) in.push_back(key);
+  std::nth_element(in.begin(), in.begin() + r, in.end());
+  return in[static_cast<size_t>(r)];
+}
+
+struct Bracket {
+  uint32_t lo, hi;  // candidates: lo <= key <= hi
+};
+
+Bracket bracket_from_sample(const Group& g, int64_t k) {
+  const std::vector<uint32_t> s = sample_keys(g);
+  const int64_t ns = static_cast<int64_t>(s.size());
+  const double p = static_cast<double>(k - 1) / static_cast<double>(g.total);
+  const int64_t ks = static_cast<int64_t>(p * static_cast<double>(ns));
+  // +-4 standard deviations of the sample rank (binomial; a strided sample of smooth data varies less)
+  const int64_t delta = static_cast<int64_t>(4.0 * std::sqrt(static_cast<double>(ns) * p * (1.0 - p))) + 8;
+  const int64_t rlo = ks - delta, rhi = ks + delta;
+  const uint32_t lo = rlo <= 0 ? 0u : sample_rank(s, rlo);
+  const uint32_t hi = rhi >= ns - 1 ? kKeyMask : sample_rank(s, rhi);
+  return {lo, hi};
+}
+
+// One thread's candidates, appended chunk by chunk. Storage is reserved once and never initialised
+// (only the pages written become resident).
+struct CandBuf {
+  std::unique_ptr<uint32_t[]> key;
+  std::unique_ptr<uint16_t[]> off;  // offset inside its chunk (chunks are 2^16 elements)
+  int64_t size = 0, cap = 0;
+};
+
+struct ChunkCands {
+  int th = 0;  // the buffer holding this chunk's candidates
+  int64_t begin = 0, count = 0, less = 0;
+};
+
+// Appends the keys of in[0:len] inside [lo, lo + width] (and base + their index) to ckey/coff.
+inline int64_t collect_scalar(const uint32_t* in, int64_t len, uint32_t lo, uint32_t width, uint32_t base,
+                              uint32_t* ckey, uint16_t* coff) {
+  int64_t m = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    const uint32_t key = in[j];
+    if (key - lo <= width) {
+      ckey[m] = key;
+      coff[m] = static_cast<uint16_t>(base + j);
+      ++m;
+    }
+  }
+  return m;
+}
+
+#if GP_X86_AVX2
+// Candidates are rare (~0.3 %): a vector range test per 8 keys, a scalar append per hit.
+GP_TARGET_AVX2 int64_t collect_avx2(const uint32_t* in, int64_t len, uint32_t lo, uint32_t width, uint32_t base,
+                                    uint32_t* ckey, uint16_t* coff) {
+  const __m256i vlo = _mm256_set1_epi32(static_cast<int>(lo)), vw = _mm256_set1_epi32(static_cast<int>(width));
+  int64_t m = 0, j = 0;
+  for (; j + 16 <= len; j += 16) {
+    const __m256i d0 = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + j)), vlo);
+    const __m256i d1 = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + j + 8)), vlo);
+    const __m256i i0 = _mm256_cmpeq_epi32(_mm256_min_epu32(d0, vw), d0);
+    const __m256i i1 = _mm256_cmpeq_epi32(_mm256_min_epu32(d1, vw), d1);
+    unsigned msk = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(i0))) |
+                   static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(i1))) << 8;
+    while (msk != 0) {
+      const int b = __builtin_ctz(msk);
+      ckey[m] = in[j + b];
+      coff[m] = static_cast<uint16_t>(base + j + b);
+      ++m;
+      msk &= msk - 1;
+    }
+  }
+  return m + collect_scalar(in + j, len - j, lo, width, static_cast<uint32_t>(base + j), ckey + m, coff + m);
+}
+#endif
+
+#if GP_X86_AVX2
+#define GP_AVX2_INLINE __attribute__((target("avx2,popcnt"), always_inline)) inline
+
+// |w| bits of 8 fp32 / bf16 weights (as AbsBits).
+template <typename T>
+GP_AVX2_INLINE __m256i abs_bits8(const T* w) {
+  const __m256i sign_off = _mm256_set1_epi32(static_cast<int>(kKeyMask));
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), sign_off);
+  } else {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+    return _mm256_and_si256(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16), sign_off);
+  }
+}
+
+// Appends the lanes of keys (8 keys of elements base..base+7) flagged in `hit` to the candidates.
+GP_AVX2_INLINE int64_t append_hits(__m256i keys, unsigned hit, uint32_t base, uint32_t* ckey, uint16_t* coff) {
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), keys);
+  int64_t m = 0;
+  while (hit != 0) {
+    const int b = __builtin_ctz(hit);
+    ckey[m] = lanes[b];
+    coff[m] = static_cast<uint16_t>(base + b);
+    ++m;
+    hit &= hit - 1;
+  }
+  return m;
+}
+
+// Key of 8 elements (nrm unused without kNorm); ORs (|w| bits + 2^23) into *vbad (sign set iff NaN/Inf).
+template <typename T, bool kNorm>
+GP_AVX2_INLINE __m256i key8(const T* w, const float* nrm, __m256i vinf, __m256i sign_off, __m256i* vbad) {
+  const __m256i a = abs_bits8(w);
+  *vbad = _mm256_or_si256(*vbad, _mm256_add_epi32(a, vinf));
+  if constexpr (kNorm) {
+    const __m256 s = _mm256_mul_ps(_mm256_castsi256_ps(a), _mm256_loadu_ps(nrm));
+    return _mm256_and_si256(_mm256_castps_si256(s), sign_off);
+  } else {
+    return a;
+  }
+}
+
+// Counts the keys below lo into *vless, appends those in [lo, lo + width]; returns the below lanes.
+GP_AVX2_INLINE __m256i bracket_step8(__m256i key, __m256i vlo, __m256i vw, uint32_t base, uint32_t* ckey,
+                                     uint16_t* coff, int64_t* m, __m256i* vless) {
+  const __m256i below = _mm256_cmpgt_epi32(vlo, key);  // keys < 2^31: the signed compare orders them
+  *vless = _mm256_sub_epi32(*vless, below);
+  const __m256i d = _mm256_sub_epi32(key, vlo);
+  const unsigned hit = static_cast<unsigned>(
+      _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_min_epu32(d, vw), d))));
+  if (__builtin_expect(hit != 0, 0)) *m += append_hits(key, hit, base, ckey + *m, coff + *m);
+  return below;
+}
+
+// The bracket pass over one row segment w[0:len] (norms nrm[0:len] when kNorm) in a single loop for
+// fp32 / bf16: load, key, count below lo, mask byte, range test; the weights stream through without a
+// staging buffer, so the loads of the next cache lines overlap the arithmetic. Returns the count of
+// candidates appended; adds to *less; ORs the sign of (|w| bits + 2^23) into *bad (set iff NaN/Inf).
+template <typename T, bool kNorm>
+GP_AVX2_INLINE int64_t bracket_segment_avx2(const T* w, const float* nrm, int64_t len, uint32_t lo, uint32_t width,
+                                            bool* mm, uint32_t base, uint32_t* ckey, uint16_t* coff,
+                                            int64_t* less, __m256i* bad) {
+  const __m256i vlo = _mm256_set1_epi32(static_cast<int>(lo)), vw = _mm256_set1_epi32(static_cast<int>(width));
+  const __m256i vinf = _mm256_set1_epi32(0x00800000), sign_off = _mm256_set1_epi32(static_cast<int>(kKeyMask));
+  const __m256i one = _mm256_set1_epi8(1), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  __m256i vless = _mm256_setzero_si256(), vbad = *bad;
+  int64_t m = 0, j = 0;
+#define STEP(at) bracket_step8(key8<T, kNorm>(w + (at), nrm + (at), vinf, sign_off, &vbad), vlo, vw, \
+                               base + static_cast<uint32_t>(at), ckey, coff, &m, &vless)
+  // software prefetch ~4 KiB ahead: the loop body is long enough that the out-of-order window alone
+  // keeps too few cache-line loads in flight to reach the bandwidth of a plain read pass
+  constexpr int64_t kAhead = 4096 / sizeof(T);
+  for (; j + 32 <= len; j += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + j + kAhead), _MM_HINT_T0);
+    if constexpr (sizeof(T) == 4) _mm_prefetch(reinterpret_cast<const char*>(w + j + kAhead + 16), _MM_HINT_T0);
+    const __m256i b0 = STEP(j), b1 = STEP(j + 8), b2 = STEP(j + 16), b3 = STEP(j + 24);
+    if (mm != nullptr) {  // 32 lanes of 0 / -1 -> 32 bytes of 0 / 1, in order
+      const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(b0, b1), _mm256_packs_epi32(b2, b3));
+      const __m256i bytes = _mm256_and_si256(_mm256_permutevar8x32_epi32(p, order), one);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(mm + j), bytes);
+    }
+  }
+  for (; j + 8 <= len; j += 8) {
+    const __m256i b = STEP(j);
+    if (mm != nullptr) {
+      alignas(32) int32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), b);
+      for (int i = 0; i < 8; ++i) mm[j + i] = lanes[i] != 0;
+    }
+  }
+#undef STEP
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vless);
+  int64_t lt = 0;
+  for (uint32_t c : lanes) lt += c;
+  for (; j < len; ++j) {  // tail, scalar (as fill_keys)
+    const uint32_t a = AbsBits<T>::get(reinterpret_cast<const typename AbsBits<T>::Raw*>(w)[j]);
+    const uint32_t key = kNorm ? f32_bits(bits_f32(a) * nrm[j]) & kKeyMask : a;
+    if (a >= kInfBits) vbad = _mm256_or_si256(vbad, _mm256_set1_epi32(static_cast<int>(0x80000000u)));
+    lt += key < lo;
+    if (mm != nullptr) mm[j] = key < lo;
+    if (key - lo <= width) {
+      ckey[m] = key;
+      coff[m] = static_cast<uint16_t>(base + j);
+      ++m;
+    }
+  }
+  *less += lt;
+  *bad = vbad;
+  return m;
+}
+
+template <typename T>
+GP_TARGET_AVX2 uint32_t bracket_chunk_fused_avx2(const T* wp, const float* nrm, int64_t cols, int64_t f0, int64_t f1,
+                                                 Bracket br, bool* mask, uint32_t* ckey, uint16_t* coff,
+                                                 int64_t* count, int64_t* less) {
+  __m256i bad = _mm256_setzero_si256();
+  int64_t m = 0, lt = 0;
+  const uint32_t width = br.hi - br.lo;
+  for (int64_t f = f0; f < f1;) {  // row segments: the norms of a segment are contiguous
+    const int64_t c0 = f % cols;
+    const int64_t len = std::min(cols - c0, f1 - f);
+    bool* mm = mask == nullptr ? nullptr : mask + f;
+    const uint32_t base = static_cast<uint32_t>(f - f0);
+    if (nrm != nullptr) {
+      m += bracket_segment_avx2<T, true>(wp + f, nrm + c0, len, br.lo, width, mm, base, ckey + m, coff + m, &lt, &bad);
+    } else {
+      m += bracket_segment_avx2<T, false>(wp + f, nullptr, len, br.lo, width, mm, base, ckey + m, coff + m, &lt,
+                                          &bad);
+    }
+    f += len;
+  }
+  *count = m;
+  *less = lt;
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(bad)));
+}
+#endif
+
+// One chunk of the bracket pass: counts keys < lo into *less, appends candidates, and writes
+// mask[f] = key < lo when mask is set. Returns the non-finite flag.
+template <typename W, bool kAvx2>
+GP_INLINE uint32_t bracket_chunk(const W* wp, const float* nrm, int64_t cols, int64_t f0, int64_t f1,
+                                 uint32_t* buf, Bracket br, bool* mask, uint32_t* ckey, uint16_t* coff,
+                                 int64_t* count, int64_t* less) {
+  uint32_t bad = 0;
+  int64_t m = 0, lt_all = 0;
+  const uint32_t lo = br.lo, width = br.hi - br.lo;
+  for (int64_t f = f0; f < f1;) {
+    const int64_t c0 = f % cols;
+    const int64_t len = std::min({cols - c0, f1 - f, kBlock});
+    bad |= fill_keys(wp + f, nrm == nullptr ? nullptr : nrm + c0, len, buf);
+    uint32_t lt = 0;
+    if (mask != nullptr) {
+      bool* __restrict mm = mask + f;
+      for (int64_t j = 0; j < len; ++j) {
+        const bool below = buf[j] < lo;
+        mm[j] = below;
+        lt += below;
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) lt += buf[j] < lo;
+    }
+    lt_all += lt;
+    const uint32_t base = static_cast<uint32_t>(f - f0);
+#if GP_X86_AVX2
+    if constexpr (kAvx2) {
+      m += collect_avx2(buf, len, lo, width, base, ckey + m, coff + m);
+    } else {
+      m += collect_scalar(buf, len, lo, width, base, ckey + m, coff + m);
+    }
+#else
+    m += collect_scalar(buf, len, lo, width, base, ckey + m, coff + m);
+#endif
+    f += len;
+  }
+  *count = m;
+  *less = lt_all;
+  return bad;
+}
+
+template <typename T>
+uint32_t bracket_chunk_default(const T* wp, const float* nrm, int64_t cols, int64_t f0, int64_t f1, uint32_t* buf,
+                               Bracket br, bool* mask, uint32_t* ckey, uint16_t* coff, int64_t* count,
+                               int64_t* less) {
+  return bracket_chunk<T, false>(wp, nrm, cols, f0, f1, buf, br, mask, ckey, coff, count, less);
+}
+
+#if GP_X86_AVX2
+template <typename T>
+GP_TARGET_AVX2 uint32_t bracket_chunk_avx2(const T* wp, const float* nrm, int64_t cols, int64_t f0, int64_t f1,
+                                           uint32_t* buf, Bracket br, bool* mask, uint32_t* ckey, uint16_t* coff,
+                                           int64_t* count, int64_t* less) {
+  return bracket_chunk<T, true>(wp, nrm, cols, f0, f1, buf, br, mask, ckey, coff, count, less);
+}
+#endif
+
+// counts of (key - base) >> shift over the candidates with base <= key <= base + span, nb buckets.
+std::vector<int64_t> candidate_histogram(const std::vector<CandBuf>& bufs, uint32_t base, uint32_t span, int shift,
+                                         uint32_t nb) {
+  // one thread: ~1e6 candidates take milliseconds, less than waking a descheduled pool thread on a
+  // loaded machine
+  const int nt = static_cast<int>(bufs.size());
+  std::vector<std::vector<uint32_t>> hs(static_cast<size_t>(nt));
+  for (int t = 0; t < nt; ++t) {
+    std::vector<uint32_t>& h = hs[t];
+    h.assign(nb, 0);
+    const uint32_t* key = bufs[t].key.get();
+    for (int64_t i = 0; i < bufs[t].size; ++i) {
+      const uint32_t d = key[i] - base;
+      if (d <= span) ++h[d >> shift];
+    }
+  }
+  std::vector<int64_t> out(nb, 0);
+  for (const auto& h : hs)
+    for (uint32_t b = 0; b < nb; ++b) out[b] += h[b];
+  return out;
+}
+
+// The candidate of 0-based rank r among all candidates (keys in [lo, hi]), with take and equal.
+Sel select_candidates(const std::vector<CandBuf>& bufs, Bracket br, int64_t r) {
+  const uint32_t width = br.hi - br.lo;
+  const int bits = width == 0 ? 0 : 32 - __builtin_clz(width);
+  const int shift = std::max(0, bits - 16);
+  const uint32_t nb1 = (width >> shift) + 1;
+  const std::vector<int64_t> h1 = candidate_histogram(bufs, br.lo, width, shift, nb1);
+  const uint32_t b1 = find_bucket(h1.data(), nb1, r);
+  if (shift == 0) return {br.lo + b1, r + 1, h1[b1]};
+  const uint32_t base = br.lo + (b1 << shift);
+  const uint32_t nb2 = 1u << shift;
+  const std::vector<int64_t> h2 = candidate_histogram(bufs, base, nb2 - 1, 0, nb2);
+  const uint32_t b2 = find_bucket(h2.data(), nb2, r);
+  return {base + b2, r + 1, h2[b2]};
+}
+
+// Sets the mask bytes of the pruned candidates: key < T, or key == T among the first `take` in group
+// order (about half of the candidates: the others keep the false the pass wrote).
+void fix_candidates(const Group& g, const std::vector<ChunkCands>& cc, const std::vector<CandBuf>& bufs, Sel t,
+                    std::vector<at::Tensor>& masks) {
+  const int64_t nc = static_cast<int64_t>(cc.size());
+  const int nt = static_cast<int>(bufs.size());
+  std::vector<int64_t> left(static_cast<size_t>(nc), std::numeric_limits<int64_t>::max());
+  if (t.take < t.equal) {  // the tie cut falls inside the group: prefix of the ties per chunk
+    std::vector<int64_t> eq(static_cast<size_t>(nc), 0);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 64)
+    for (int64_t c = 0; c < nc; ++c) {
+      const uint32_t* key = bufs[cc[c].th].key.get() + cc[c].begin;
+      int64_t e = 0;
+      for (int64_t i = 0; i < cc[c].count; ++i) e += key[i] == t.key;
+      eq[c] = e;
+    }
+    int64_t before = 0;
+    for (int64_t c = 0; c < nc; ++c) {
+      left[c] = std::clamp<int64_t>(t.take - before, 0, eq[c]);
+      before += eq[c];
+    }
+  }
+  const uint32_t T = t.key;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 64)
+  for (int64_t c = 0; c < nc; ++c) {
+    const uint32_t* key = bufs[cc[c].th].key.get() + cc[c].begin;
+    const uint16_t* off = bufs[cc[c].th].off.get() + cc[c].begin;
+    bool* mm = masks[g.chunks[c].t].data_ptr<bool>() + g.chunks[c].f0;
+    int64_t l = left[c];
+    for (int64_t i = 0; i < cc[c].count; ++i) {  // the pass wrote false for every candidate (key >= lo)
+      const bool tie = key[i] == T && l > 0;
+      l -= tie;
+      if (key[i] < T || tie) mm[off[i]] = true;
+    }
+  }
+}
+
+// The bracket path for k >= 1: true and *out set (and, with masks, every mask byte written) when the
+// bracket decided; false when the histogram passes must (masks then hold partial garbage). Throws on
+// NaN/Inf (weights are never written here).
+bool bracket_select(const Group& g, int64_t k, std::vector<at::Tensor>* masks, Sel* out) {
+  const int64_t cap = max_candidates(g.total);
+  if (cap == 0) return false;
+  const Bracket br = bracket_from_sample(g, k);
+  const int nt = threads_for(g.total);
+  const int64_t nc = static_cast<int64_t>(g.chunks.size());
+  std::vector<CandBuf> bufs(static_cast<size_t>(nt));
+  for (CandBuf& b : bufs) {  // each thread may hold up to the whole cap (plus one chunk)
+    b.cap = cap + kChunk;
+    b.key.reset(new uint32_t[static_cast<size_t>(b.cap)]);
+    b.off.reset(new uint16_t[static_cast<size_t>(b.cap)]);
+    advise_huge_pages(b.key.get(), static_cast<size_t>(b.cap) * sizeof(uint32_t));
+  }
+  std::vector<ChunkCands> cc(static_cast<size_t>(nc));
+  std::vector<uint8_t> bad(static_cast<size_t>(nc), 0);
+  std::atomic<int64_t> used{0};
+  std::atomic<bool> full{false};
+#pragma omp parallel num_threads(nt)
+  {
+    const int th = omp_get_thread_num();
+    CandBuf& cb = bufs[th];
+    alignas(64) uint32_t buf[kBlock];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < nc; ++c) {
+      if (full.load(std::memory_order_relaxed)) continue;  // the histogram passes will decide
+      const Chunk& ch = g.chunks[c];
+      const at::Tensor& w = g.w[ch.t];
+      const float* nrm = g.nrm[ch.t].empty() ? nullptr : g.nrm[ch.t].data();
+      bool* mask = masks == nullptr ? nullptr : (*masks)[ch.t].data_ptr<bool>();
+      int64_t count = 0, less = 0;
+      bad[c] = dispatch_weight(w.scalar_type(), [&](auto tag) {
+        using T = decltype(tag);
+        const T* wp = w.data_ptr<T>();
+        uint32_t* ckey = cb.key.get() + cb.size;
+        uint16_t* coff = cb.off.get() + cb.size;
+#if GP_X86_AVX2
+        if constexpr (!std::is_same_v<T, c10::Half>) {
+          if (g.avx2)
+            return bracket_chunk_fused_avx2<T>(wp, nrm, w.size(1), ch.f0, ch.f1, br, mask, ckey, coff, &count, &less);
+        }
+        if (g.avx2)
+          return bracket_chunk_avx2<T>(wp, nrm, w.size(1), ch.f0, ch.f1, buf, br, mask, ckey, coff, &count, &less);
+#endif
+        return bracket_chunk_default<T>(wp, nrm, w.size(1), ch.f0, ch.f1, buf, br, mask, ckey, coff, &count, &less);
+      }) != 0;
+      cc[c] = {th, cb.size, count, less};
+      cb.size += count;
+      if (used.fetch_add(count, std::memory_order_relaxed) + count > cap || cb.size + kChunk > cb.cap)
+        full.store(true, std::memory_order_relaxed);
+    }
+  }
+  if (full.load()) {
+    ++g_path_counts[kPathOverflow];
+    return false;
+  }
+  throw_bad_chunk(g, bad);
+  int64_t less = 0, m = 0;
+  for (const ChunkCands& c : cc) {
+    less += c.less;
+    m += c.count;
+  }
+  if (!(less <= k - 1 && k - 1 < less + m)) {
+    ++g_path_counts[kPathMiss];
+    return false;
+  }
+  *out = select_candidates(bufs, br, k - 1 - less);
+  if (masks != nullptr) fix_candidates(g, cc, bufs, *out, *masks);
+  ++g_path_counts[kPathBracket];
+  return true;
+}
+
+Sel group_select(const Group& g, int64_t k, std::vector<at::Tensor>* masks, bool* masks_done) {
+  *masks_done = false;
+  Sel s{0, 0, 0};
+  if (k > 0 && bracket_select(g, k, masks, &s)) {
+    *masks_done = masks != nullptr;
+    return s;
+  }
+  ++g_path_counts[kPathHistograms];
+  return threshold_by_histograms(g, k);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> triple_tensors(const Sel& s, int64_t k, const at::TensorOptions& opt) {
+  const float thr = k > 0 ? bits_f32(s.key) : kNegInf;
+  return {at::scalar_tensor(thr, opt.dtype(at::kFloat)), at::scalar_tensor(s.take, opt.dtype(at::kLong)),
+          at::scalar_tensor(s.equal, opt.dtype(at::kLong))};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> global_threshold(at::TensorList weights, at::TensorList norms,
                                                                 int64_t k) {
   const Group g = make_group(weights, norms);
   TORCH_CHECK_VALUE(0 <= k && k <= g.total, "k must be in [0, total elements=", g.total, "], got ", k);
-  std::vector<uint8_t> bad(g.chunks.size(), 0);
-  const at::TensorOptions opt = weights[0].options();
-  PassArgs p1{Pass::kHist1};
-  const std::vector<int64_t> h1 = group_histogram(g, p1, kGlobBuckets1, bad);
-  throw_bad_chunk(g, bad);
-  float thr = kNegInf;
-  int64_t take = 0, equal = 0;
-  if (k > 0) {
-    int64_t r = k - 1;
-    PassArgs p2{Pass::kHist2};
-    p2.b1 = find_bucket(h1.data(), kGlobBuckets1, r);
-    const std::vector<int64_t> h2 = group_histogram(g, p2, kGlobBuckets2, bad);
-    const uint32_t b2 = find_bucket(h2.data(), kGlobBuckets2, r);
-    thr = bits_f32((p2.b1 << kGlobShift) | b2);
-    take = r + 1;
-    equal = h2[b2];
-  }
-  return {at::scalar_tensor(thr, opt.dtype(at::kFloat)), at::scalar_tensor(take, opt.dtype(at::kLong)),
-          at::scalar_tensor(equal, opt.dtype(at::kLong))};
+  bool unused = false;
+  return triple_tensors(group_select(g, k, nullptr, &unused), k, weights[0].options());
+}
+
+std::vector<int64_t> global_select_path_counts() {
+  std::vector<int64_t> out;
+  for (const auto& c : g_path_counts) out.push_back(c.load());
+  return out;
 }
 
 // Writes masks[i] for the group from (threshold, take); throws on NaN/Inf (masks may then be partial,
@@ -645,6 +1191,24 @@ std::vector<at::Tensor> global_mask(at::TensorList weights, at::TensorList norms
   return masks;
 }
 
+// Fused select + masks of one group: the bracket pass writes the masks as it selects (one read of the
+// weights); the histogram passes and a mask pass when the bracket cannot decide.
+std::vector<at::Tensor> global_masks(at::TensorList weights, at::TensorList norms, int64_t k) {
+  const Group g = make_group(weights, norms);
+  TORCH_CHECK_VALUE(0 <= k && k <= g.total, "k must be in [0, total elements=", g.total, "], got ", k);
+  std::vector<at::Tensor> masks;
+  // plain pages: on a loaded machine, madvise(MADV_HUGEPAGE) made each fresh 2 MiB fault wait for
+  // memory compaction (the masks' first-touch cost doubled in bench_global_select.py)
+  for (const auto& w : g.w) masks.push_back(at::empty(w.sizes(), w.options().dtype(at::kBool)));
+  bool done = false;
+  const Sel s = group_select(g, k, &masks, &done);
+  if (!done) {
+    const auto [thr, take, equal] = triple_tensors(s, k, weights[0].options());
+    global_mask_into(g, thr, take, masks);
+  }
+  return masks;
+}
+
 void global_prune_(at::TensorList weights, at::TensorList masks, at::TensorList norms, const at::Tensor& threshold,
                    const at::Tensor& take) {
   const Group g = make_group(weights, norms);
@@ -670,7 +1234,7 @@ void global_prune_(at::TensorList weights, at::TensorList masks, at::TensorList 
 }  // namespace
 }  // namespace gradprobe
 
-// Schemas: exactly the first six entries of SCHEMAS in gradprobe/ops/_schemas.py.
+// Schemas: the selection entries of SCHEMAS in gradprobe/ops/_schemas.py (+ a test hook).
 TORCH_LIBRARY_FRAGMENT(gradprobe_cpp, m) {
   m.def("row_threshold(Tensor weight, Tensor? norm, int k) -> (Tensor threshold, Tensor take, Tensor equal)");
   m.def("row_mask(Tensor weight, Tensor? norm, int k) -> Tensor");
@@ -679,6 +1243,9 @@ TORCH_LIBRARY_FRAGMENT(gradprobe_cpp, m) {
   m.def("global_mask(Tensor[] weights, Tensor[] norms, Tensor threshold, Tensor take) -> Tensor[]");
   m.def(
       "global_prune_(Tensor(a!)[] weights, Tensor(b!)[] masks, Tensor[] norms, Tensor threshold, Tensor take) -> ()");
+  m.def("global_masks(Tensor[] weights, Tensor[] norms, int k) -> Tensor[]");
+  // test hook: how often each global path ran (bracket, overflow, miss, histograms), process-wide
+  m.def("global_select_path_counts() -> int[]", &gradprobe::global_select_path_counts);
 }
 
 TORCH_LIBRARY_IMPL(gradprobe_cpp, CPU, m) {
@@ -688,4 +1255,5 @@ TORCH_LIBRARY_IMPL(gradprobe_cpp, CPU, m) {
   m.impl("global_threshold", &gradprobe::global_threshold);
   m.impl("global_mask", &gradprobe::global_mask);
   m.impl("global_prune_", &gradprobe::global_prune_);
+  m.impl("global_masks", &gradprobe::global_masks);
 }

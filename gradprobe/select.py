@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 
+from gradprobe import _backend
+
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCOPES = ("row", "layer")
 
@@ -247,8 +249,20 @@ def global_prune_masks(
     """
     ws, ns, k = _prepare_global(weights, sparsity, norms)
     ws = [w.contiguous() for w in ws]
+    if _has_fused_global_masks(ws[0].device.type):
+        return torch.ops.gradprobe.global_masks(ws, ns, k)
     thr, take, _ = torch.ops.gradprobe.global_threshold(ws, ns, k)
     return torch.ops.gradprobe.global_mask(ws, ns, thr, take)
+
+
+def _has_fused_global_masks(device_type: str) -> bool:
+    """True when the backend that runs ``global_mask`` here also implements the fused ``global_masks``
+    (the C++ CPU backend selects and writes the masks in one read of the weights); otherwise the
+    threshold and the masks run as two ops of that backend."""
+    try:
+        return _backend.resolve("global_masks", device_type)[0] == _backend.resolve("global_mask", device_type)[0]
+    except (NotImplementedError, _backend.BackendUnavailableError):
+        return False
 
 
 def global_prune_(

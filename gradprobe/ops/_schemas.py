@@ -48,6 +48,8 @@ SCHEMAS: dict[str, str] = {
     # zero in place from a threshold triple, writing each mask into the preallocated bool `masks`
     # (out-style: torch.library cannot functionalise an op returning a list from mutated lists)
     "global_prune_": "(Tensor(a!)[] weights, Tensor(b!)[] masks, Tensor[] norms, Tensor threshold, Tensor take) -> ()",
+    # fused select + masks of one group: global_mask(weights, norms, *global_threshold(weights, norms, k)[:2])
+    "global_masks": "(Tensor[] weights, Tensor[] norms, int k) -> Tensor[]",
     # --- N:M structured selection (issue 4) -----------------------------------------------------
     # prune the n smallest scores of every m consecutive elements of a row (ties: lower index first)
     "nm_mask": "(Tensor weight, Tensor? norm, int n, int m) -> Tensor",
@@ -93,6 +95,11 @@ def _(weights: Sequence[torch.Tensor], norms: Sequence[torch.Tensor], k: int):
 
 @torch.library.register_fake("gradprobe::global_mask")
 def _(weights, norms, threshold, take):
+    return [_mask_like(w) for w in weights]
+
+
+@torch.library.register_fake("gradprobe::global_masks")
+def _(weights, norms, k):
     return [_mask_like(w) for w in weights]
 
 

@@ -114,6 +114,12 @@ def global_mask(weights, norms, threshold: torch.Tensor, take: torch.Tensor) -> 
     return _split_like(mask_from_triple(flat, threshold, take)[0], weights)
 
 
+@impl("global_masks", "reference")
+def global_masks(weights, norms, k: int) -> list[torch.Tensor]:
+    thr, take, _ = global_threshold(weights, norms, k)
+    return global_mask(weights, norms, thr, take)
+
+
 @impl("global_prune_", "reference")
 def global_prune_(weights, masks, norms, threshold: torch.Tensor, take: torch.Tensor) -> None:
     for w, out, m in zip(weights, masks, global_mask(weights, norms, threshold, take), strict=True):

@@ -285,3 +285,153 @@ def test_cpp_baseline_isa_path_is_exact(monkeypatch):
             assert torch.equal(thr, exp[0]) and take == exp[1] and eq == exp[2], k
             for m, e in zip(cpp.global_mask(ws, ns, thr, take), ref.global_masks_sorted(ws, ns, k), strict=True):
                 assert torch.equal(m, e), k
+
+
+# ---- the C++ sampled-bracket path (one read of the weights) and its fallbacks --------------------
+# gradprobe_cpp.global_select_path_counts() counts, process-wide, how often each path decided:
+# [bracket, buffer overflow -> histograms, bracket missed -> histograms, histogram passes].
+BRACKET, OVERFLOW, MISS, HISTOGRAMS = range(4)
+BRACKET_GROUP = [(120, 1000), (64, 777), (5, 4099), (1, 3)]
+
+
+def _paths_delta(fn):
+    cpp = torch.ops.gradprobe_cpp
+    before = list(cpp.global_select_path_counts())
+    out = fn()
+    return out, [a - b for a, b in zip(cpp.global_select_path_counts(), before, strict=True)]
+
+
+def check_cpp_paths(ws, ns, k, expect_path):
+    """global_threshold and the fused global_masks on the C++ backend vs the sort oracle; each call
+    must have been decided by ``expect_path`` (checked through the path counters)."""
+    cpp = torch.ops.gradprobe_cpp
+    expected = ref.global_masks_sorted(ws, ns, k)
+    thr_e, take_e, eq_e = ref.threshold_triple(group_scores(ws, ns), k)
+    (thr, take, eq), d1 = _paths_delta(lambda: cpp.global_threshold(ws, ns, k))
+    masks, d2 = _paths_delta(lambda: cpp.global_masks(ws, ns, k))
+    assert torch.equal(thr, thr_e[0]) and take.item() == take_e[0].item() and eq.item() == eq_e[0].item(), k
+    for i, (m, e) in enumerate(zip(masks, expected, strict=True)):
+        assert_masks_equal(m, e, f"global_masks[{i}] (k={k})")
+    assert sum(int(m.sum()) for m in masks) == k
+    for d in (d1, d2):
+        assert d[expect_path] == 1, f"k={k}: expected path {expect_path}, counters moved by {d}"
+        if expect_path in (OVERFLOW, MISS):
+            assert d[HISTOGRAMS] == 1, d
+    return masks
+
+
+# every dtype x score with the AVX2 loops; the portable loops (GRADPROBE_CPP_DISABLE_AVX2=1) on two
+BRACKET_CASES = [(d, n, True) for d in DTYPES for n in (False, True)] + [
+    (torch.float32, True, False),
+    (torch.bfloat16, False, False),
+]
+
+
+@requires_cpp
+@pytest.mark.parametrize(
+    "dtype,use_norm,avx2",
+    BRACKET_CASES,
+    ids=[f"{dtype_id(d)}-{'wanda' if n else 'magnitude'}-{'avx2' if a else 'portable'}" for d, n, a in BRACKET_CASES],
+)
+def test_cpp_bracket_path_is_exact(monkeypatch, dtype, use_norm, avx2):
+    """Random groups: the sample brackets the k-th score, one pass decides; masks equal the oracle."""
+    if not avx2:
+        monkeypatch.setenv("GRADPROBE_CPP_DISABLE_AVX2", "1")
+    _extension.load()
+    torch.manual_seed(1)
+    ws = make_group(BRACKET_GROUP, dtype)
+    ns = [make_norm(s[1]) for s in BRACKET_GROUP] if use_norm else []
+    total = sum(w.numel() for w in ws)
+    for k in (1, total // 2, total - 1000):
+        # bf16 / fp16 magnitudes tie in classes of ~0.2 % of the group: the tie cut lands in a class
+        check_cpp_paths(ws, ns, k, BRACKET)
+
+
+@requires_cpp
+def test_cpp_bracket_tie_cut_inside_the_buffer():
+    """A tie class of ~100 equal scores straddles rank k: take < equal, resolved in group order
+    from the candidate buffer (tensor position, then flat index)."""
+    torch.manual_seed(2)
+    ws = [(torch.randn(s) * 1000).round() / 1000 for s in BRACKET_GROUP]
+    total = sum(w.numel() for w in ws)
+    scores = group_scores(ws, [])[0]
+    for k in (total // 3, total // 2 + 7):
+        _, take, eq = ref.threshold_triple(scores[None], k)
+        assert 0 < take.item() < eq.item()  # the cut is inside a tie class
+        check_cpp_paths(ws, [], k, BRACKET)
+
+
+@requires_cpp
+@pytest.mark.parametrize("cap", ["0", "1", "5000"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_cpp_bracket_overflow_falls_back(monkeypatch, dtype, cap):
+    """A candidate buffer too small (cap 0 skips the bracket; 1 and 5000 overflow mid-pass, after some
+    masks were written) falls back to the histogram passes; the masks are rewritten exactly."""
+    monkeypatch.setenv("GRADPROBE_CPP_GLOBAL_MAX_CANDIDATES", cap)
+    torch.manual_seed(3)
+    ws = make_group(BRACKET_GROUP, dtype)
+    ns = [make_norm(s[1]) for s in BRACKET_GROUP]
+    total = sum(w.numel() for w in ws)
+    for k in (total // 4, total // 2):
+        check_cpp_paths(ws, ns, k, HISTOGRAMS if cap == "0" else OVERFLOW)
+
+
+@requires_cpp
+def test_cpp_heavy_ties_overflow_the_buffer():
+    """Half the group is an exact tie at 0 (an already-pruned model) and k cuts it: every zero is a
+    candidate, more than the default cap, so the histogram passes decide."""
+    ws = [torch.randn(300, 1000), torch.randn(40, 777)]
+    for w in ws:
+        w[:, ::2] = 0
+    zeros = sum(int((w == 0).sum()) for w in ws)
+    check_cpp_paths(ws, [], zeros - 100, OVERFLOW)
+
+
+@requires_cpp
+@pytest.mark.parametrize("high", [True, False], ids=["sample-too-high", "sample-too-low"])
+def test_cpp_bracket_miss_falls_back(high):
+    """Adversarial layout: the sampled positions (the first 64 of every 251 * 64 elements of a tensor)
+    hold outliers, so the bracket drawn from the sample misses rank k and the histogram passes decide."""
+    torch.manual_seed(4)
+    w = torch.rand(1, 251 * 64 * 20) + 1.0
+    sampled = torch.arange(w.numel()) % (251 * 64) < 64
+    w[0, sampled] = torch.rand(64 * 20) * (100.0 if high else 0.01)
+    k = w.numel() // 2
+    check_cpp_paths([w], [], k, MISS)
+
+
+@requires_cpp
+@pytest.mark.parametrize("cap", [None, "1"], ids=["bracket", "overflow"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_cpp_bracket_rejects_nonfinite_before_writing(monkeypatch, bad, cap):
+    """NaN / Inf anywhere raise ValueError from the fused op and the public API; in-place pruning
+    leaves the weights untouched."""
+    if cap is not None:
+        monkeypatch.setenv("GRADPROBE_CPP_GLOBAL_MAX_CANDIDATES", cap)
+    ws = make_group(BRACKET_GROUP, torch.float32)
+    ws[0][100, 999] = bad
+    before = [w.clone() for w in ws]
+    with pytest.raises(ValueError, match=r"weights\[0\] contains NaN or Inf"):
+        torch.ops.gradprobe_cpp.global_masks(ws, [], 1000)
+    with pytest.raises(ValueError, match=r"weights\[0\] contains NaN or Inf"):
+        torch.ops.gradprobe_cpp.global_threshold(ws, [], 1000)
+    with with_backend("cpp"), pytest.raises(ValueError, match="NaN or Inf"):
+        gradprobe.global_prune_masks(ws, 0.5)
+    with with_backend("cpp"), pytest.raises(ValueError, match="NaN or Inf"):
+        gradprobe.global_prune_(ws, 0.5)
+    for w, b in zip(ws, before, strict=True):
+        assert torch.equal(w.view(torch.int32), b.view(torch.int32))  # bit for bit (NaN != NaN)
+
+
+@requires_cpp
+def test_cpp_global_masks_opcheck_and_public_api_uses_it():
+    ws = [make_weight((5, 33), torch.float32, kind="ties"), make_weight((300, 1000), torch.bfloat16)]
+    ns = [make_norm(33), make_norm(1000)]
+    with with_backend("cpp"):
+        for norms, k in ((ns, 70), ([], 0), ([], 150_000)):
+            torch.library.opcheck(torch.ops.gradprobe.global_masks.default, (ws, norms, k))
+        masks, d = _paths_delta(lambda: gradprobe.global_prune_masks(ws, 0.5, norms=ns))
+    assert d[BRACKET] == 1  # one fused call (global_threshold would count a second)
+    k = math.floor(0.5 * sum(w.numel() for w in ws))
+    for m, e in zip(masks, ref.global_masks_sorted(ws, ns, k), strict=True):
+        assert_masks_equal(m, e)
