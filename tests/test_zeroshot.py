@@ -14,12 +14,12 @@ from tests.text_helpers import char_tokenizer  # noqa: E402
 from tests.tiny_models import tiny_llama  # noqa: E402
 
 DOCS = [
-    {"question": "The sky is", "choices": [" blue", " green"], "label": 0},
-    {"question": "Fire is", "choices": [" cold", " hot"], "label": 1},
-    {"question": "Snow is", "choices": [" white", " black"], "label": 0},
-    {"question": "Two plus two is", "choices": [" five", " four"], "label": 1},
-    {"question": "Grass is", "choices": [" green", " red"], "label": 0},
-    {"question": "The sun rises in the", "choices": [" west", " east"], "label": 1},
+    {"question": "The sky is", "choices": ["blue", "green"], "label": 0},
+    {"question": "Fire is", "choices": ["cold", "hot"], "label": 1},
+    {"question": "Snow is", "choices": ["white", "black"], "label": 0},
+    {"question": "Two plus two is", "choices": ["five", "four"], "label": 1},
+    {"question": "Grass is", "choices": ["green", "red"], "label": 0},
+    {"question": "The sun rises in the", "choices": ["west", "east"], "label": 1},
 ]
 
 
@@ -62,13 +62,14 @@ def local_index_only(monkeypatch):
 
 
 def reference_acc(model, tok) -> float:
-    """Plain re-implementation: pick the choice with the larger summed log-likelihood given the question."""
+    """Plain re-implementation: pick the choice with the larger summed log-likelihood given the question
+    (continuation = lm-eval's default target delimiter " " + the choice)."""
     correct = 0
     for d in DOCS:
         ctx = tok(d["question"])["input_ids"]
         lls = []
         for c in d["choices"]:
-            full = tok(d["question"] + c)["input_ids"]
+            full = tok(d["question"] + " " + c)["input_ids"]
             ids = torch.tensor([full])
             with torch.no_grad():
                 logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
