@@ -4,6 +4,9 @@
 pipeline was unified (``python -m tests.golden.cases --record``). A case returns {tensor name: bool mask};
 the digest covers names, shapes and mask bits, so any change to any selected weight changes it.
 Cases call only public entry points, so they stay valid when the layers beneath them are rebuilt.
+Calibration runs one window per forward (``batch_size=1``): the Wanda statistic is a sum of per-window
+fp32 partials in window order (independent of batch size and world size), which at one window per
+batch is bit for bit the pre-pipeline per-batch sum.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def _embedded():
 def _prune(model, ids, **cfg) -> dict[str, torch.Tensor]:
     import gradprobe
 
-    gradprobe.prune(model, ids, gradprobe.PruneConfig(progress=False, batch_size=2, **cfg))
+    gradprobe.prune(model, ids, gradprobe.PruneConfig(progress=False, batch_size=1, **cfg))
     return _decoder_masks(model)
 
 
@@ -84,7 +87,7 @@ def _owl_old_mapping(model, ids) -> dict[str, torch.Tensor]:
     alloc = allocation.owl_from_model(model, ids, 0.5, **kw)
     import gradprobe
 
-    gradprobe.prune(model, ids, alloc.config(progress=False, batch_size=2))
+    gradprobe.prune(model, ids, alloc.config(progress=False, batch_size=1))
     return _decoder_masks(model)
 
 
