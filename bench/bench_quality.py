@@ -30,11 +30,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _quality import embedded_setup  # noqa: E402
+
 import gradprobe  # noqa: E402
 from gradprobe.allocation import owl_from_model  # noqa: E402
-from gradprobe.data import calibration_batches, eval_ids  # noqa: E402
-from gradprobe.embedded import load_default_model  # noqa: E402
-from gradprobe.eval import perplexity  # noqa: E402
 from gradprobe.variant import VariantMaskFn  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
@@ -110,14 +109,7 @@ def main() -> None:
                                  order.get(r["method"], len(order))))
         _write(args, rows)
         return
-    torch.manual_seed(0)
-    model, tok = load_default_model()
-    batches = calibration_batches(tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
-    ids = eval_ids(tok)
-    dense = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def ppl() -> float:
-        return perplexity(model, ids, context=256, max_windows=args.windows, progress=False).value
+    model, batches, dense, ppl = embedded_setup(args.nsamples, args.seqlen, args.windows)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     csv_path = args.out.with_suffix(".csv")

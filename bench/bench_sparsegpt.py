@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _quality import embedded_setup  # noqa: E402
+
 import gradprobe  # noqa: E402
-from gradprobe.data import calibration_batches, eval_ids  # noqa: E402
-from gradprobe.embedded import load_default_model  # noqa: E402
-from gradprobe.eval import perplexity  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 RUNS = {
@@ -43,14 +42,7 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--out", type=Path, default=OUT / "sparsegpt_table.md")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    model, tok = load_default_model()
-    batches = calibration_batches(tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
-    ids = eval_ids(tok)
-    dense = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def ppl() -> float:
-        return perplexity(model, ids, context=256, max_windows=args.windows, progress=False).value
+    model, batches, dense, ppl = embedded_setup(args.nsamples, args.seqlen, args.windows)
 
     rows = [("dense", 0.0, ppl(), 0.0)]
     print(rows[-1], flush=True)

@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _quality import embedded_setup  # noqa: E402
+
 import gradprobe  # noqa: E402
 from gradprobe.allocation import owl_from_model, report_allocation
-from gradprobe.data import calibration_batches, eval_ids
-from gradprobe.embedded import load_default_model
-from gradprobe.eval import perplexity
 from gradprobe.variant import VariantMaskFn
 
 OUT = Path(__file__).parent / "results"
@@ -37,14 +36,7 @@ def main() -> None:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7])
     ap.add_argument("--methods", nargs="+", default=["uniform", "global", "variant", "owl", "owl-rescaled"])
     args = ap.parse_args()
-    torch.manual_seed(0)
-    model, tok = load_default_model()
-    batches = calibration_batches(tok, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
-    ids = eval_ids(tok)
-    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def ppl():
-        return perplexity(model, ids, context=256, max_windows=args.windows, progress=False).value
+    model, batches, dense_state, ppl = embedded_setup(args.nsamples, args.seqlen, args.windows)
 
     rows = [("dense", "-", 0.0, ppl(), 0.0, "")]
     print(rows[-1], flush=True)
