@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "prune",
         help="prune a causal LM layer by layer and save it",
-        description="Prune the decoder linear layers of a causal LM (Wanda or magnitude) and save it.",
+        description="Prune the decoder linear layers of a causal LM (Wanda, magnitude or SparseGPT) and save it.",
     )
     _add_model_args(p)
     p.add_argument(
