@@ -333,13 +333,10 @@ def _check_source(source: str | None, flag: str) -> None:
 def _check_model_arg(model: str | None) -> None:
     if model is None:
         return
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise UsageError(f"--model {model!r} is not a Hugging Face checkpoint directory (no config.json)")
-    elif model.startswith((".", "/", "~")) or model.count("/") > 1:
+    if not Path(model).expanduser().exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
         raise UsageError(f"--model {model!r} does not exist (and is not a hub id like 'org/name')")
-    from gradprobe.preflight import check_model_files  # weights present (a local dir), or cached (offline)
+    # a local dir: config.json and safetensors weights present; a hub id: cached when offline
+    from gradprobe.preflight import check_model_files
 
     _preflight(check_model_files, model)
 
