@@ -41,7 +41,7 @@ def worker(args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import gradprobe
-    from gradprobe.driver import tensors_digest
+    from gradprobe._checkpoint import tensors_digest
 
     torch.set_num_threads(args.threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -519,43 +519,6 @@ def owl_allocation(
     )
 
 
-@torch.no_grad()
-def dense_norms(
-    model: torch.nn.Module, batches: torch.Tensor, config: Any = None
-) -> dict[tuple[int, str], torch.Tensor]:
-    """(layer, name) -> fp32 (in,) activation norms of every prunable linear, dense model, CPU.
-
-    Calibration flows through the unpruned layers (as OWL's first pass); ``config`` gives device and
-    batch size (default ``PruneConfig()``).
-    """
-    from gradprobe.config import PruneConfig
-    from gradprobe.driver import capture_calibration, check_batches
-    from gradprobe.models import get_adapter
-    from gradprobe.stats import LayerStats
-
-    config = config or PruneConfig(progress=False)
-    ad = get_adapter(model)
-    batches = check_batches(batches, getattr(model.config, "vocab_size", None))
-    calib = capture_calibration(model, batches, config, ad)
-    inps, outs = calib.inputs, torch.empty_like(calib.inputs)
-    out: dict[tuple[int, str], torch.Tensor] = {}
-    dev = torch.device(config.device)
-    from tqdm.auto import tqdm
-
-    layers = ad.decoder_layers(model)
-    for i, layer in enumerate(tqdm(layers, desc="dense norms", unit="layer", disable=not config.progress)):
-        orig = next(layer.parameters()).device
-        layer.to(dev)
-        lins = ad.prunable_linears(layer)
-        with LayerStats(lins) as st:
-            calib.run_layer(layer, i, inps, outs)
-        for name, v in st.norms().items():
-            out[(i, name)] = v.float().cpu()
-        layer.to(orig)
-        inps, outs = outs, inps
-    return out
-
-
 def owl_from_model(
     model: torch.nn.Module,
     batches: torch.Tensor,
@@ -574,6 +537,7 @@ def owl_from_model(
     check_owl(target, m, lam, mapping)
     from gradprobe.models import get_adapter
     from gradprobe.ops.reference import score
+    from gradprobe.pipeline.calibration import dense_norms
 
     norms = dense_norms(model, batches, config)
     ad = get_adapter(model)

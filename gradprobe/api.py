@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gradprobe.config import PruneConfig
-from gradprobe.driver import LayerwisePruner
+from gradprobe.pipeline.layerwise import LayerwisePruner
 from gradprobe.report import PruneReport, TensorRow
 
 

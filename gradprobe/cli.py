@@ -183,7 +183,7 @@ def _probe_checkpointed(args, model, batches, config, directory):
     probe itself does not resume mid-way)."""
     from collections import defaultdict
 
-    from gradprobe.driver import ResumeState
+    from gradprobe._checkpoint import ResumeState
     from gradprobe.report import PruneReport
 
     shapes = {n: list(p.shape) for n, p in model.named_parameters()}
@@ -478,7 +478,7 @@ def cmd_prune(args) -> int:
         allocation.check_cli_args(args, config)
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
-    from gradprobe import preflight
+    from gradprobe import _checkpoint, preflight
 
     _preflight(preflight.check_packages, preflight.HF_PACKAGES + (() if args.no_plot else preflight.PLOT_PACKAGES),
                hint="" if args.no_plot else ", or pass --no-plot")
@@ -497,7 +497,7 @@ def cmd_prune(args) -> int:
     discard = partial.exists() and not args.resume
     if partial.exists() and args.resume:
         try:
-            previous = preflight.read_json_checked(run_file)
+            previous = _checkpoint.read_signed_json(run_file)
         except ValueError as exc:  # killed or out of space before its settings were written: nothing to resume
             print(f"discarding {partial}: {exc}; starting over", file=sys.stderr, flush=True)
             previous, discard = settings, True
@@ -545,7 +545,7 @@ def cmd_prune(args) -> int:
         if discard:
             shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
-        preflight.write_json_atomic(run_file, settings)
+        _checkpoint.write_signed_json(run_file, settings)
     distributed.barrier()
     from gradprobe.api import prune
 

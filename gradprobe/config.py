@@ -24,7 +24,7 @@ class MaskFn(Protocol):
         weight: (out_features, in_features) parameter data on the compute device, model dtype.
         norm: (in_features,) float32 activation norms ||X_j||_2, or None for magnitude.
         sparsity: this tensor's target fraction (from ``sparsity_for``), or None under N:M.
-        ctx: :class:`gradprobe.driver.TensorContext` (layer index, name, config, layer stats).
+        ctx: :class:`gradprobe.pipeline.layerwise.TensorContext` (layer index, name, config, layer stats).
     """
 
     def __call__(

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from gradprobe._checkpoint import publish_dir
+
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -162,27 +164,11 @@ def save_pruned(
             raise RuntimeError(
                 f"expected safetensors weights only in {stage}; got {sorted(p.name for p in stage.iterdir())}"
             )
-        mask = _umask()
-        os.chmod(stage, 0o777 & ~mask)  # mkdtemp makes 0700; give the output the usual permissions
-        for f in stage.rglob("*"):  # safetensors writes through a 0600 temporary file
-            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
-        old = None
-        if out.exists():  # empty, or overwrite=True: move it aside, then swap
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-        os.rename(stage, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(stage, out)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_model(

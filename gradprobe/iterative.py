@@ -39,7 +39,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradprobe.driver import ResumeStateWarning, json_digest, tensors_digest
+from gradprobe._checkpoint import (
+    ResumeStateWarning,
+    atomic_write_text,
+    json_digest,
+    save_tensors_atomic,
+    tensors_digest,
+)
 from gradprobe.probe import (
     ProbeResult,
     SizeAdaptive,
@@ -376,19 +382,13 @@ class _Checkpoint:
         return {n: m.to(params[n].device) for n, m in masks.items()}
 
     def save(self, baseline, steps, threshold, step, masks, *, stopped, last_accepted) -> None:
-        from safetensors.torch import save_file
-
         self.dir.mkdir(parents=True, exist_ok=True)
         if not stopped:
-            tmp = self.dir / f"step_{step:02d}.safetensors.tmp"
             cpu = {n: m.contiguous().cpu() for n, m in masks.items()}
-            save_file(cpu, str(tmp))
-            os.replace(tmp, self.dir / f"step_{step:02d}.safetensors")
+            save_tensors_atomic(self.dir / f"step_{step:02d}.safetensors", cpu)
             self.digests[str(step)] = tensors_digest(cpu)
         state = {"identity": self.identity, "baseline": baseline, "steps": [asdict(s) for s in steps],
                  "threshold": self.encode_threshold(threshold), "last_accepted": last_accepted, "stopped": stopped,
                  "masks_sha256": dict(self.digests)}
         state["sha256"] = json_digest(state)
-        tmp = self.dir / "state.json.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, self.dir / "state.json")
+        atomic_write_text(self.dir / "state.json", json.dumps(state, indent=1))

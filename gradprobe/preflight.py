@@ -7,7 +7,6 @@ with one line naming the option and the fix, instead of after calibration and pr
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -120,32 +119,6 @@ def check_out_location(out: Path, flag: str = "--out") -> None:
             f"{flag} {str(out)!r} is not writable ({exc.strerror or exc} in {str(parent)!r}); "
             "choose a directory you can write to"
         ) from None
-
-
-# --- small checksummed JSON files -------------------------------------------------------------------
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` plus a sha256 of it via a temporary file and a rename (never a torn file)."""
-    body = json.dumps(obj, sort_keys=True, default=str)
-    text = json.dumps({"sha256": hashlib.sha256(body.encode()).hexdigest(), "data": json.loads(body)})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_json_checked(path: Path) -> Any:
-    """What :func:`write_json_atomic` wrote; raises ValueError if it is unreadable or fails its checksum."""
-    try:
-        wrapped = json.loads(path.read_text())
-        data = wrapped["data"]
-        body = json.dumps(data, sort_keys=True, default=str)
-        ok = wrapped["sha256"] == hashlib.sha256(body.encode()).hexdigest()
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is unreadable ({type(exc).__name__})") from None
-    if not ok:
-        raise ValueError(f"{path} fails its checksum")
-    return data
 
 
 # --- the record of a run --------------------------------------------------------------------------

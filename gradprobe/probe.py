@@ -633,7 +633,7 @@ def _probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spa
         if missing:
             raise ValueError(f"norms has no entry for {missing[:3]} (and {max(0, len(missing) - 3)} more); give one per probed weight")
     _check_norms(norms, all_targets)
-    from gradprobe.driver import check_token_ids
+    from gradprobe.pipeline.calibration import check_token_ids
 
     for i, b in enumerate(batch_list):
         check_token_ids(b, getattr(model.config, "vocab_size", None), f"batches[{i}]")

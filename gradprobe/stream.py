@@ -2,7 +2,7 @@
 
 :func:`prune_streamed` builds the model skeleton on the meta device (parameters only: the rotary
 buffers are computed on the CPU as ``from_pretrained`` computes them), keeps the small non-layer
-tensors (final norm) in memory and hands the driver (:class:`gradprobe.driver.LayerwisePruner`, the
+tensors (final norm) in memory and hands the driver (:class:`gradprobe.pipeline.layerwise.LayerwisePruner`, the
 one layer loop) a :class:`StreamedWeights` layer provider: before layer ``i`` is touched its tensors
 are read from the memory-mapped shards (``safetensors.safe_open``), after it is pruned and
 checkpointed they go back to the meta device. The input embeddings are loaded only around the
@@ -36,8 +36,10 @@ import torch
 from torch import nn
 
 from gradprobe import distributed
+from gradprobe._checkpoint import ResumeState
 from gradprobe.config import PruneConfig
-from gradprobe.driver import EMBEDDINGS, LM_HEAD, LayerwisePruner, ResumeState
+from gradprobe.pipeline.calibration import EMBEDDINGS, LM_HEAD
+from gradprobe.pipeline.layerwise import LayerwisePruner
 from gradprobe.report import PruneReport, TensorRow
 
 INDEX = "model.safetensors.index.json"
@@ -155,7 +157,7 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 class StreamedWeights:
-    """The :class:`gradprobe.driver.LayerProvider` of a meta-device skeleton and its source checkpoint."""
+    """The :class:`gradprobe.pipeline.LayerProvider` of a meta-device skeleton and its source checkpoint."""
 
     def __init__(self, model: nn.Module, source: SourceCheckpoint, groups: dict[int, list[str]]):
         self.model, self.source, self.groups = model, source, groups
@@ -460,7 +462,7 @@ def cmd_prune(args: Any, config: PruneConfig, sizes: dict, out: Path, partial: P
 
     from transformers import AutoTokenizer
 
-    from gradprobe import allocation, data, io, preflight
+    from gradprobe import _checkpoint, allocation, data, io
     from gradprobe.cli import UsageError, _run_record
 
     try:
@@ -489,7 +491,7 @@ def cmd_prune(args: Any, config: PruneConfig, sizes: dict, out: Path, partial: P
         if discard:
             shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
-        preflight.write_json_atomic(partial / "settings.json", settings)
+        _checkpoint.write_signed_json(partial / "settings.json", settings)
     distributed.barrier()
     config, alloc = allocation.config_from_cli(args, config, skeleton, batches)
     del skeleton

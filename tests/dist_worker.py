@@ -109,7 +109,7 @@ _FAIL = {"on": False}
 def failing_mask_fn(w, norm, s, ctx):
     """The default mask step, except that rank 1 raises at layer 1 while ``_FAIL["on"]``."""
     from gradprobe import distributed
-    from gradprobe.driver import default_mask_fn
+    from gradprobe.pipeline.layerwise import default_mask_fn
 
     if _FAIL["on"] and distributed.rank() == 1 and ctx.layer_idx == 1:
         if _FAIL.get("die"):

@@ -14,7 +14,6 @@ from tiny_models import prune_argv, random_batches, save_tiny_checkpoint, tiny_l
 import gradprobe
 from gradprobe.allocation import (
     TensorSpec,
-    dense_norms,
     explicit_allocation,
     model_layout,
     owl_allocation,
@@ -23,6 +22,7 @@ from gradprobe.allocation import (
     report_allocation,
     round_counts,
 )
+from gradprobe.pipeline import dense_norms
 
 
 @pytest.fixture(scope="module")

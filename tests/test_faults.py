@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 import gradprobe
 from gradprobe import PruneConfig, cli, io
-from gradprobe.driver import ResumeStateWarning
+from gradprobe._checkpoint import ResumeStateWarning
 
 NS, SEQ = 4, 32
 

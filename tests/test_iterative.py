@@ -117,7 +117,7 @@ def test_resume_continues_after_last_accepted_step(batches, tmp_path):
     # pretend the longer run was interrupted after step 0: same identity except the schedule
     import json
 
-    from gradprobe.driver import json_digest
+    from gradprobe._checkpoint import json_digest
 
     st = json.loads((tmp_path / "state.json").read_text())
     st["identity"]["schedule"]["max"] = 0.4

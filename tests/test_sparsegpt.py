@@ -16,8 +16,8 @@ import torch
 from tiny_models import prune_argv, random_batches, save_tiny_checkpoint, tiny_llama
 
 import gradprobe
-from gradprobe.driver import capture_calibration
 from gradprobe.models import get_adapter
+from gradprobe.pipeline.calibration import capture_calibration
 from gradprobe.sparsegpt import SparseGPTMaskFn, sparsegpt_prune_
 from gradprobe.stats import HessianStats, LayerStats
 

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 import gradprobe
 from gradprobe import PruneConfig, cli, io
-from gradprobe.driver import ResumeStateWarning
+from gradprobe._checkpoint import ResumeStateWarning
 from gradprobe.stream import INDEX, StreamedCheckpoint, StreamedWeights, prune_streamed
 
 NS, SEQ, VOCAB = 4, 16, 256

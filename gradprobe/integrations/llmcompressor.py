@@ -87,8 +87,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from gradprobe.config import PruneConfig
-from gradprobe.driver import LM_HEAD, TensorContext, default_mask_fn, resolve_sparsity
 from gradprobe.models import get_adapter
+from gradprobe.pipeline.calibration import LM_HEAD
+from gradprobe.pipeline.layerwise import TensorContext, default_mask_fn, resolve_sparsity
 from gradprobe.report import TensorRow
 from gradprobe.stats import ChannelStats, sum_of_squares
 

@@ -1,0 +1,31 @@
+"""The layerwise pipeline: the only code that walks a model's decoder layers.
+
+* :mod:`~gradprobe.pipeline.calibration` — capture layer 0's inputs, run one layer over the
+  calibration windows on the device, collect the input statistics of its linears.
+* :mod:`~gradprobe.pipeline.layerwise` — the pruning loop: per layer, statistics -> the method's
+  selection (the plan's exact counts) -> masks in place -> propagation of the pruned outputs; resume.
+"""
+
+from gradprobe.pipeline.calibration import (
+    EMBEDDINGS,
+    LM_HEAD,
+    Calibration,
+    LayerProvider,
+    capture_calibration,
+    check_batches,
+    check_token_ids,
+    dense_norms,
+    on_device,
+)
+
+__all__ = [
+    "EMBEDDINGS",
+    "LM_HEAD",
+    "Calibration",
+    "LayerProvider",
+    "capture_calibration",
+    "check_batches",
+    "check_token_ids",
+    "dense_norms",
+    "on_device",
+]
