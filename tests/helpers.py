@@ -138,3 +138,11 @@ def require_ops_fixture(ops):
             require_ops(request.getfixturevalue("backend"), request.getfixturevalue("device"), ops)
 
     return _require_ops
+
+
+def order_key(s: torch.Tensor) -> torch.Tensor:
+    """Order-preserving uint32 key of fp32 ``s``, as int64 in [0, 2^32): x >= 0: bits | 2^31, x < 0: ~bits
+    (-0.0 keyed as +0.0). The Triton selection kernels' transform (``gradprobe/kernels/_score.py``)."""
+    s = torch.where(s == 0, torch.zeros_like(s), s)
+    bits = s.contiguous().view(torch.int32)
+    return (bits ^ ((bits >> 31) | -(2**31))).to(torch.int64) & 0xFFFFFFFF

@@ -2,8 +2,8 @@
 
 ``score = fp32(|w|) * |norm|`` (one fp32 multiply; magnitude ``fp32(|w|)`` without a norm) and
 ``key = f(score)`` with ``a < b  <=>  f(a) < f(b)`` as unsigned integers for every non-NaN fp32,
-``f(-0.0) == f(+0.0)``. Every selection kernel (``radix_select.py``, ``mask.py``) forms the key in
-registers with :func:`score_key`; nothing materialises a score matrix. ``_wanda_score_kernel`` and
+``f(-0.0) == f(+0.0)``. Every selection kernel (``row_select.py``, ``global_select.py``) forms the key in
+registers with :func:`score_key`; nothing materialises a score matrix. ``_score_kernel`` and
 :func:`score_and_key` expose the transform for tests.
 """
 
@@ -49,7 +49,7 @@ def score_key(w_ptr, norm_ptr, offs, cols, valid, HAS_NORM: tl.constexpr):
 
 
 @triton.jit
-def _wanda_score_kernel(w_ptr, norm_ptr, score_ptr, key_ptr, numel, n_cols, HAS_NORM: tl.constexpr,
+def _score_kernel(w_ptr, norm_ptr, score_ptr, key_ptr, numel, n_cols, HAS_NORM: tl.constexpr,
                         RAW: tl.constexpr, BLOCK: tl.constexpr):
     """score[i] = fp32(|w[i]|) * |norm[i % n_cols]| (or fp32(|w[i]|)); key[i] = float_to_key(score[i]).
 
@@ -82,7 +82,7 @@ def score_and_key(
     key = torch.empty(w.shape, dtype=torch.int32, device=w.device)
     if w.numel():
         block = 1024
-        _wanda_score_kernel[(triton.cdiv(w.numel(), block),)](
+        _score_kernel[(triton.cdiv(w.numel(), block),)](
             w, norm if norm is not None else w, score, key, w.numel(), n_cols,
             HAS_NORM=norm is not None, RAW=raw, BLOCK=block,
         )

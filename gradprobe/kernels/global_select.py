@@ -1,17 +1,24 @@
-"""Masks from a threshold triple: ``triton`` backend of ``gradprobe::global_mask`` / ``global_prune_``.
+"""Exact selection over a group of whole tensors: ``triton`` backend of ``gradprobe::global_threshold``,
+``global_mask`` and ``global_prune_``.
 
-Element ``e`` of a group (order: tensor position, row-major flat index) with key ``x`` is pruned iff
-``x < t`` or (``x == t`` and ``rank(e) <= take``), ``t`` = key of the threshold and ``rank(e)`` =
-1-based position of ``e`` among the group's elements with key ``t``. The rank is exact and in group
-order: each program owns a contiguous chunk of tiles (a tile = BLOCK consecutive columns of a row,
-so the tiles of a chunk are in flat order) and scans it block by block with ``tl.cumsum`` plus a
-running carry that starts at the chunk's base, the exclusive prefix sum over all earlier chunks of
-the per-chunk equal counts (``_global_count_kernel``, summed on device with ``torch.cumsum``).
+Threshold: the uint32 key of a score (``_score.float_to_key``) is resolved in three digits of
+11/11/10 bits (radix select, as ``row_select.py``). A persistent streaming kernel per tensor and digit
+accumulates a per-program histogram (``tl.histogram``) into one int64 device histogram (atomics on its
+non-empty bins only); a one-program kernel finds the bucket (``_radix.find_bucket``) and updates the
+device-side (prefix, rank) state. Nothing leaves the device between passes; one host sync after the
+first pass checks for NaN/Inf.
+
+Masks from a threshold triple: element ``e`` of a group (order: tensor position, row-major flat
+index) with key ``x`` is pruned iff ``x < t`` or (``x == t`` and ``rank(e) <= take``), ``t`` = key of
+the threshold and ``rank(e)`` = 1-based position of ``e`` among the group's elements with key ``t``.
+The rank is exact and in group order: each program owns a contiguous chunk of tiles (a tile = BLOCK
+consecutive columns of a row, so the tiles of a chunk are in flat order) and scans it block by block
+with ``tl.cumsum`` plus a running carry that starts at the chunk's base, the exclusive prefix sum over
+all earlier chunks of the per-chunk equal counts (``_global_count_kernel``, summed on device with
+``torch.cumsum``).
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import triton
@@ -19,22 +26,21 @@ import triton.language as tl
 
 from gradprobe._backend import impl
 from gradprobe.kernels import _configs
-from gradprobe.kernels.wanda_score import float_to_key, score_key
+from gradprobe.kernels._radix import (
+    as_norm,
+    check_input,
+    check_k,
+    find_bucket,
+    raise_nonfinite,
+    tiling,
+    write_block,
+)
+from gradprobe.kernels._score import float_to_key, key_to_float, score_key
+from gradprobe.ops._checks import check_finite
 
-
-@triton.jit
-def write_block(w_ptr, mask_ptr, offs, key, valid, tkey, take, carry, PRUNE: tl.constexpr):
-    """Write mask[offs] = key < t | (key == t & carry + inclusive rank <= take); PRUNE: w[offs] = 0 there.
-
-    Returns the new carry (carry + number of keys equal to t in this block).
-    """
-    eq = (key == tkey) & valid
-    rank = carry + tl.cumsum(eq.to(tl.int64), 0)
-    pruned = ((key < tkey) | (eq & (rank <= take))) & valid
-    tl.store(mask_ptr + offs, pruned.to(tl.uint8), mask=valid)
-    if PRUNE:
-        tl.store(w_ptr + offs, tl.zeros_like(key).to(w_ptr.dtype.element_ty), mask=pruned)
-    return carry + tl.sum(eq.to(tl.int64), 0)
+# (shift, bits) of the three digits of a uint32 key, most significant first
+DIGITS = ((21, 11), (10, 11), (0, 10))
+NBINS = 2048
 
 
 @triton.jit
@@ -85,46 +91,57 @@ def _global_mask_kernel(w_ptr, norm_ptr, mask_ptr, thr_ptr, take_ptr, base_ptr, 
         carry = write_block(w_ptr, mask_ptr, offs, key, valid, tkey, take, carry, PRUNE)
 
 
+@triton.jit
+def _global_histogram_kernel(w_ptr, norm_ptr, hist_ptr, state_ptr, bad_ptr, n_cols, tiles_per_row, n_tiles,
+                             HAS_NORM: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr,
+                             BLOCK: tl.constexpr):
+    """hist[d] += #{e : (key(e) >> SHIFT) & (2^BITS - 1) == d and key(e) >> (SHIFT + BITS) ==
+    prefix >> (SHIFT + BITS)} over W (rows, n_cols), prefix = state[0]; the first digit also adds
+    W's non-finite count to bad[0]. Persistent: program p takes tiles p, p + P, ... (tile as in
+    ``_global_count_kernel``); hist (2^BITS,) int64 is shared by every tensor of the group.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    nprog = tl.num_programs(0)
+    prefix = tl.load(state_ptr).to(tl.uint32)
+    lanes = tl.arange(0, BLOCK)
+    h = tl.zeros([1 << BITS], tl.int32)
+    bad = tl.zeros([BLOCK], tl.int32)
+    for t in range(pid, n_tiles, nprog):
+        row = t // tiles_per_row
+        cols = (t - row * tiles_per_row) * BLOCK + lanes
+        valid = cols < n_cols
+        key, nonfinite = score_key(w_ptr, norm_ptr, row * n_cols + cols, cols, valid, HAS_NORM)
+        sel = valid
+        if SHIFT + BITS < 32:
+            sel = sel & ((key >> (SHIFT + BITS)) == (prefix >> (SHIFT + BITS)))
+        h += tl.histogram(((key >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32), 1 << BITS, mask=sel)
+        bad += nonfinite.to(tl.int32)
+    bins = tl.arange(0, 1 << BITS)
+    # only the occupied bins: a digit of real scores fills few of the 2048 bins
+    tl.atomic_add(hist_ptr + bins, h.to(tl.int64), mask=h != 0)
+    if SHIFT + BITS == 32:
+        tl.atomic_add(bad_ptr, tl.sum(bad, 0).to(tl.int64))
+
+
+@triton.jit
+def _global_bucket_kernel(hist_ptr, state_ptr, thr_ptr, take_ptr, eq_ptr, SHIFT: tl.constexpr,
+                          BITS: tl.constexpr, LAST: tl.constexpr):
+    """One program. state = (prefix, rank) int64: b = first bin of hist (2^BITS,) with cumulative count
+    >= rank; prefix |= b << SHIFT; rank -= #below b. LAST: thr = fp32 of the key prefix,
+    take = rank, eq = hist[b] (0-dim outputs)."""
+    h = tl.load(hist_ptr + tl.arange(0, 1 << BITS))
+    prefix = tl.load(state_ptr)
+    b, rank, cnt = find_bucket(h, tl.load(state_ptr + 1), 1 << BITS)
+    prefix = prefix | (b << SHIFT)
+    tl.store(state_ptr, prefix)
+    tl.store(state_ptr + 1, rank)
+    if LAST:
+        tl.store(thr_ptr, key_to_float(prefix.to(tl.uint32)))
+        tl.store(take_ptr, rank)
+        tl.store(eq_ptr, cnt)
+
+
 # ---- host side -------------------------------------------------------------------------------------
-
-
-def check_input(w: torch.Tensor, name: str) -> None:
-    """TypeError/ValueError for weights the kernels cannot read (dtype, device)."""
-    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {w.dtype}")
-    if w.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"{name} is on {w.device}; the Triton backend needs CUDA tensors")
-
-
-def as_norm(norm: torch.Tensor | None, w: torch.Tensor, name: str) -> torch.Tensor | None:
-    """norm as a contiguous fp32 (n_cols,) tensor, checked against ``w``'s last dimension."""
-    if norm is None:
-        return None
-    n_cols = w.shape[-1] if w.dim() else 1
-    if norm.numel() != n_cols:
-        raise ValueError(f"{name} must have {n_cols} entries (weight's in_features), got shape {tuple(norm.shape)}")
-    if norm.device != w.device:
-        raise ValueError(f"{name} is on {norm.device} but the weight on {w.device}; move both to one device")
-    return norm.reshape(-1).to(torch.float32).contiguous()
-
-
-def tiling(w: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """(n_cols, BLOCK, num_warps, tiles_per_row, n_tiles) of ``w`` viewed as (numel / n_cols, n_cols)."""
-    n_cols = max(1, w.shape[-1] if w.dim() else 1)
-    block, warps = _configs.stream_config(n_cols)
-    tiles_per_row = triton.cdiv(n_cols, block)
-    return n_cols, block, warps, tiles_per_row, (w.numel() // n_cols) * tiles_per_row
-
-
-def raise_nonfinite(bad: torch.Tensor, names: Sequence[str]) -> None:
-    """bad: (len(names),) int64 non-finite counts on device; one host sync, ValueError naming the first."""
-    counts = bad.tolist()
-    for name, c in zip(names, counts, strict=True):
-        if c:
-            raise ValueError(
-                f"{name} contains {c} NaN or Inf value(s); pruning needs finite weights: "
-                "fix the overflow upstream or replace them with torch.nan_to_num"
-            )
 
 
 def _global_write(weights, masks, norms, threshold: torch.Tensor, take: torch.Tensor, prune: bool) -> None:
@@ -193,3 +210,50 @@ def global_prune_(weights, masks, norms, threshold: torch.Tensor, take: torch.Te
             w.copy_(wc)
         if mc is not m:
             m.copy_(mc)
+
+
+# ---- host side: threshold -----------------------------------------------------------------------------
+
+
+@impl("global_threshold", "triton")
+def global_threshold(weights, norms, k: int):
+    if not weights:
+        raise ValueError("weights is empty: a global group needs at least one tensor")
+    if norms and len(norms) != len(weights):
+        raise ValueError(f"norms must be empty or hold one norm per weight ({len(weights)}), got {len(norms)}")
+    dev = weights[0].device
+    ws = []
+    for i, w in enumerate(weights):
+        check_input(w, f"weights[{i}]")
+        if w.device != dev:
+            raise ValueError(f"weights[{i}] is on {w.device} but weights[0] on {dev}; move the group to one device")
+        ws.append(w.contiguous())
+    ns = [as_norm(n, w, f"norms[{i}]") for i, (w, n) in enumerate(zip(ws, norms, strict=True))] if norms else []
+    total = sum(w.numel() for w in ws)
+    check_k(k, total, "the group's total number of elements")
+    thr = torch.full((), float("-inf"), dtype=torch.float32, device=dev)
+    take = torch.zeros((), dtype=torch.int64, device=dev)
+    eq = torch.zeros((), dtype=torch.int64, device=dev)
+    if k == 0:
+        for i, w in enumerate(ws):
+            check_finite(w, f"weights[{i}]")
+        return thr, take, eq
+    hist = torch.zeros(len(DIGITS), NBINS, dtype=torch.int64, device=dev)
+    state = torch.tensor([0, k], dtype=torch.int64, device=dev)  # (key prefix, remaining rank)
+    bad = torch.zeros(len(ws), dtype=torch.int64, device=dev)
+    plans = []
+    for w in ws:
+        n_cols, block, warps, tpr, n_tiles = tiling(w)
+        plans.append((n_cols, block, warps, tpr, n_tiles, min(n_tiles, _configs.max_programs(dev))))
+    for d, (shift, bits) in enumerate(DIGITS):
+        for i, (w, (n_cols, block, warps, tpr, n_tiles, grid)) in enumerate(zip(ws, plans, strict=True)):
+            if grid:
+                nrm = ns[i] if ns else None
+                _global_histogram_kernel[(grid,)](
+                    w, nrm if nrm is not None else w, hist[d], state, bad[i:], n_cols, tpr, n_tiles,
+                    HAS_NORM=nrm is not None, SHIFT=shift, BITS=bits, BLOCK=block, num_warps=warps,
+                )
+        if d == 0:
+            raise_nonfinite(bad, [f"weights[{i}]" for i in range(len(ws))])
+        _global_bucket_kernel[(1,)](hist[d], state, thr, take, eq, SHIFT=shift, BITS=bits, LAST=d == len(DIGITS) - 1)
+    return thr, take, eq

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from gradprobe._backend import impl
-from gradprobe.ops.reference import check_finite, check_nm
+from gradprobe.ops._checks import check_finite, check_nm
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from gradprobe._backend import impl
 from gradprobe.kernels import _configs
-from gradprobe.ops.reference import check_probe_accumulate, check_probe_apply, raise_probe_count
+from gradprobe.ops._checks import check_probe_accumulate, check_probe_apply, raise_probe_count
 
 CHUNK = 4096  # elements per pass-1 count; pass-2 blocks (BLOCK) divide it
 

@@ -25,8 +25,10 @@ from tests.helpers import (
     is_interpreted,
     make_norm,
     make_weight,
+    order_key,
     require_ops_fixture,
     requires_cpp,
+    requires_cuda,
     with_backend,
 )
 
@@ -435,3 +437,139 @@ def test_cpp_global_masks_opcheck_and_public_api_uses_it():
     k = math.floor(0.5 * sum(w.numel() for w in ws))
     for m, e in zip(masks, ref.global_masks_sorted(ws, ns, k), strict=True):
         assert_masks_equal(m, e)
+
+
+# ---- Triton kernels: the streaming histogram pass and the global radix select ----------------------
+# On a CPU-only machine these run under TRITON_INTERPRET=1 (tests/conftest.py) on tiny shapes; on a GPU
+# machine on CUDA, plus the gpu-marked real Llama layer.
+
+TRITON = backend_params(("triton",))
+
+
+@pytest.fixture
+def kernels(backend, device):
+    """The gradprobe.kernels package (its import registers the triton backend)."""
+    import gradprobe.kernels as k
+
+    return k
+
+
+def run_histogram(kernels, w, norm, prefix: int, shift: int, bits: int):
+    gs = kernels.global_select
+    hist = torch.zeros(1 << bits, dtype=torch.int64, device=w.device)
+    state = torch.tensor([prefix, 1], dtype=torch.int64, device=w.device)
+    bad = torch.zeros(1, dtype=torch.int64, device=w.device)
+    n_cols, block, warps, tpr, n_tiles = kernels._radix.tiling(w)
+    grid = min(n_tiles, kernels._configs.max_programs(w.device))
+    gs._global_histogram_kernel[(grid,)](
+        w, norm if norm is not None else w, hist, state, bad, n_cols, tpr, n_tiles,
+        HAS_NORM=norm is not None, SHIFT=shift, BITS=bits, BLOCK=block, num_warps=warps,
+    )
+    return hist.cpu(), int(bad)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_triton_histogram_pass_matches_bincount(kernels, backend, device):
+    w = make_weight((23, 301), torch.bfloat16, kind="ties")  # few distinct scores: crowded bins
+    norm = make_norm(301, kind="ties")
+    key = order_key(ref.score(w, norm)).reshape(-1)
+    hist, bad = run_histogram(kernels, w.to(device), norm.to(device), 0, 21, 11)
+    assert torch.equal(hist, torch.bincount(key >> 21, minlength=2048))
+    assert bad == 0 and int(hist.sum()) == w.numel()
+    # refining digit: only keys whose top 11 bits equal the prefix's are counted
+    top = int(torch.mode(key >> 21).values)
+    hist2, _ = run_histogram(kernels, w.to(device), norm.to(device), top << 21, 10, 11)
+    sel = key[(key >> 21) == top]
+    assert torch.equal(hist2, torch.bincount((sel >> 10) & 0x7FF, minlength=2048))
+    assert int(hist2.sum()) == sel.numel() > 0
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_triton_histogram_pass_matches_histc_and_counts_nonfinite(kernels, backend, device):
+    w = make_weight((7, 1000), torch.float32)
+    w[2, 5], w[6, 999] = float("nan"), float("-inf")
+    hist, bad = run_histogram(kernels, w.to(device), None, 0, 21, 11)
+    key = order_key(ref.score(w)).reshape(-1)  # NaN/Inf scores key above every finite one
+    expected = torch.histc((key >> 21).double(), bins=2048, min=0, max=2048).to(torch.int64)
+    assert torch.equal(hist, expected) and bad == 2
+    assert int(hist[: 0xFF800000 >> 21].sum()) == w.numel() - 2
+
+
+def check_triton_global(device, ws, ns, k):
+    flat = torch.cat([ref.score(w, ns[i] if ns else None).reshape(-1) for i, w in enumerate(ws)])[None]
+    thr_e, take_e, eq_e = ref.threshold_triple(flat, k)
+    expected = ref.global_masks_sorted(ws, ns, k)
+    wd, nd = [w.to(device) for w in ws], [n.to(device) for n in ns]
+    work = [w.clone() for w in wd]
+    outs = [torch.zeros(w.shape, dtype=torch.bool, device=device) for w in wd]
+    with with_backend("triton"):
+        thr, take, eq = torch.ops.gradprobe.global_threshold(wd, nd, k)
+        masks = torch.ops.gradprobe.global_mask(wd, nd, thr, take)
+        torch.ops.gradprobe.global_prune_(work, outs, nd, thr, take)
+    assert torch.equal(thr.cpu(), thr_e[0]) and take.item() == take_e[0].item() and eq.item() == eq_e[0].item()
+    for i, e in enumerate(expected):
+        assert_masks_equal(masks[i], e, f"global_mask[{i}]")
+        assert_masks_equal(outs[i], e, f"global_prune_ masks[{i}]")
+        assert torch.equal(work[i].cpu(), ws[i].masked_fill(e, 0))
+    assert sum(int(m.sum()) for m in masks) == k
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_triton_global_group_of_three(backend, device):
+    shapes, dtypes = [(37, 300), (1, 7), (20, 513)], [torch.float32, torch.float16, torch.bfloat16]
+    ws = [make_weight(s, d, kind="ties") for s, d in zip(shapes, dtypes, strict=True)]
+    ns = [make_norm(s[1], kind="ties") for s in shapes]
+    total = sum(w.numel() for w in ws)
+    for k in (1, total // 3, total - 1, total):
+        check_triton_global(device, ws, ns, k)
+    check_triton_global(device, [make_weight(s, torch.float32) for s in shapes], [], total // 2)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_triton_global_tie_cut_spans_chunks(backend, device):
+    """All scores equal: the pruned ties are a prefix of group order, cut inside a later chunk."""
+    ws = [make_weight((40, 700), torch.float32, kind="const"), make_weight((3, 50), torch.float32, kind="const")]
+    for k in (1, 13_337, 28_000 + 17):
+        check_triton_global(device, ws, [], k)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_triton_global_nonfinite_raises_and_writes_nothing(backend, device, bad):
+    w = make_weight((6, 100), torch.bfloat16).to(device)
+    w[4, 17] = bad
+    before = w.clone()
+    other = make_weight((3, 40), torch.float32).to(device)
+    other_before = other.clone()
+    outs = [torch.zeros(t.shape, dtype=torch.bool, device=device) for t in (other, w)]
+    thr, take = torch.tensor(0.5, device=device), torch.tensor(3, device=device)
+    with with_backend("triton"):
+        for call in (
+            lambda: torch.ops.gradprobe.global_threshold([other, w], [], 70),
+            lambda: torch.ops.gradprobe.global_prune_([other, w], outs, [], thr, take),
+        ):
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                call()
+    assert torch.equal(w.cpu().view(torch.int16), before.cpu().view(torch.int16)), "W was modified"
+    assert torch.equal(other, other_before) and not any(o.any() for o in outs), "a write happened before the raise"
+
+
+# ---- real Llama shapes (CUDA only) --------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("kind", ["randn", "ties"])
+def test_cuda_global_llama_layer(kind):
+    shapes = [(4096, 4096), (11008, 4096), (4096, 11008)]
+    ws = [make_weight(s, torch.bfloat16, kind=kind, device="cuda") for s in shapes]
+    ns = [make_norm(s[1], kind="ties" if kind == "ties" else "rand", device="cuda") for s in shapes]
+    total = sum(w.numel() for w in ws)
+    k = total // 2
+    expected = ref.global_masks_sorted(ws, ns, k)
+    with with_backend("triton"):
+        thr, take, eq = torch.ops.gradprobe.global_threshold(ws, ns, k)
+        masks = torch.ops.gradprobe.global_mask(ws, ns, thr, take)
+    for i in range(len(ws)):
+        assert_masks_equal(masks[i], expected[i], f"masks[{i}]")
+    assert sum(int(m.sum()) for m in masks) == k

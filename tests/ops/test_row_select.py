@@ -25,8 +25,10 @@ from tests.helpers import (
     is_interpreted,
     make_norm,
     make_weight,
+    order_key,
     require_ops_fixture,
     requires_cpp,
+    requires_cuda,
     with_backend,
 )
 
@@ -253,3 +255,156 @@ def test_cpp_baseline_isa_path_is_exact(monkeypatch):
             assert torch.equal(cpp.row_mask(w, n, k), ref.stable_rank_mask(s, k)), (w.shape, k)
             got, exp = cpp.row_threshold(w, n, k), ref.threshold_triple(s, k)
             assert all(torch.equal(a, b) for a, b in zip(got, exp, strict=True)), (w.shape, k)
+
+
+# ---- Triton kernels: the score key (kernels/_score.py) and the per-row radix select ----------------
+# On a CPU-only machine these run under TRITON_INTERPRET=1 (tests/conftest.py) on tiny shapes; on a GPU
+# machine on CUDA, plus the gpu-marked real Llama shapes.
+
+TRITON = backend_params(("triton",))
+
+
+@pytest.fixture
+def kernels(backend, device):
+    """The gradprobe.kernels package (its import registers the triton backend)."""
+    import gradprobe.kernels as k
+
+    return k
+
+
+def as_u32(key_i32: torch.Tensor) -> torch.Tensor:
+    return key_i32.to(torch.int64) & 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_key_transform_orders_every_float_class(kernels, backend, device):
+    special = torch.tensor(
+        [float("-inf"), -3e38, -1.5, -1.0, -1e-38, -1e-45, -0.0, 0.0, 1e-45, 1e-38, 0.5, 1.0, 2.0, 3e38, float("inf")]
+    )
+    vals = torch.cat([special, torch.randn(500) * 10.0 ** torch.randint(-30, 30, (500,))])
+    _, key = kernels._score.score_and_key(vals.to(device), raw=True)
+    key = as_u32(key.cpu())
+    assert torch.equal(key, order_key(vals)), "kernel key differs from the reference transform"
+    order = torch.argsort(vals, stable=True)
+    k_sorted = key[order]
+    assert (k_sorted[1:] >= k_sorted[:-1]).all(), "key is not monotone in the value"
+    v_sorted = vals[order]
+    strict = v_sorted[1:] > v_sorted[:-1]
+    assert (k_sorted[1:][strict] > k_sorted[:-1][strict]).all(), "distinct values share a key"
+    # -0.0 and +0.0 are one key; infinities are the extreme finite-score keys
+    assert key[6] == key[7] == 0x80000000
+    assert key[0] == 0x007FFFFF and key[-1 - 500] == 0xFF800000
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_score_matches_reference_bitwise(kernels, backend, device, dtype):
+    w = make_weight((9, 130), dtype, kind="signed_zero")
+    w[::2] = make_weight((5, 130), dtype)
+    norm = make_norm(130)
+    norm[3] = -0.0
+    norm[5] = -2.5  # |norm| per the contract
+    for n in (None, norm):
+        score, key = kernels._score.score_and_key(w.to(device), None if n is None else n.to(device))
+        expected = ref.score(w, n)
+        assert torch.equal(score.cpu().view(torch.int32), expected.view(torch.int32)), "score is not bit-exact"
+        assert torch.equal(as_u32(key.cpu()), order_key(expected))
+
+
+def check_triton_rows(device, w, norm, k):
+    scores = ref.score(w, norm)
+    expected = ref.stable_rank_mask(scores, k)
+    thr_e, take_e, eq_e = ref.threshold_triple(scores, k)
+    wd, nd = w.to(device), None if norm is None else norm.to(device)
+    work = wd.clone()
+    with with_backend("triton"):
+        thr, take, eq = torch.ops.gradprobe.row_threshold(wd, nd, k)
+        mask = torch.ops.gradprobe.row_mask(wd, nd, k)
+        mask2 = torch.ops.gradprobe.row_prune_(work, nd, k)
+    assert torch.equal(thr.cpu(), thr_e) and torch.equal(take.cpu(), take_e) and torch.equal(eq.cpu(), eq_e)
+    assert_masks_equal(mask, expected)
+    assert_masks_equal(mask2, expected, "row_prune_ mask")
+    assert torch.equal(work.cpu(), w.masked_fill(expected, 0)), "in-place zeroing differs from the mask"
+    assert (mask.sum(1).cpu() == k).all()
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,kind",
+    [
+        ((37, 300), torch.float32, "randn"),
+        ((37, 300), torch.float16, "ties"),
+        ((64, 1000), torch.bfloat16, "randn"),
+        ((1, 7), torch.float16, "randn"),
+        ((3, 2500), torch.float32, "ties"),  # several BLOCK steps per row: carries across blocks
+    ],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else (dtype_id(v) if isinstance(v, torch.dtype) else v),
+)
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_triton_row_select_vs_reference(backend, device, shape, dtype, kind):
+    w = make_weight(shape, dtype, kind=kind)
+    norm = make_norm(shape[1], kind="ties" if kind == "ties" else "rand")
+    for k in sorted({1, shape[1] // 2, shape[1]}):
+        check_triton_rows(device, w, norm, k)
+    check_triton_rows(device, w, None, math.ceil(shape[1] * 0.7))
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_triton_row_heavy_ties_all_equal(backend, device):
+    w = make_weight((5, 1500), torch.bfloat16, kind="const")
+    for k in (0, 1, 700, 1499, 1500):
+        check_triton_rows(device, w, None, k)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_triton_row_nonfinite_raises_and_writes_nothing(backend, device, bad):
+    w = make_weight((6, 100), torch.bfloat16).to(device)
+    w[4, 17] = bad
+    before = w.clone()
+    with with_backend("triton"):
+        for call in (
+            lambda: torch.ops.gradprobe.row_threshold(w, None, 50),
+            lambda: torch.ops.gradprobe.row_mask(w, None, 0),
+            lambda: torch.ops.gradprobe.row_prune_(w, None, 50),
+        ):
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                call()
+    assert torch.equal(w.cpu().view(torch.int16), before.cpu().view(torch.int16)), "W was modified"
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+def test_triton_row_bad_arguments_raise(backend, device):
+    w = make_weight((4, 10), torch.float32).to(device)
+    with with_backend("triton"):
+        with pytest.raises(ValueError, match="k = 11"):
+            torch.ops.gradprobe.row_mask(w, None, 11)
+        with pytest.raises(ValueError, match="norm must have 10 entries"):
+            torch.ops.gradprobe.row_mask(w, torch.ones(9, device=device), 3)
+        with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+            torch.ops.gradprobe.row_mask(w.double(), None, 3)
+
+
+# ---- real Llama shapes (CUDA only) --------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((4096, 11008), torch.bfloat16), ((11008, 4096), torch.float16), ((4096, 4096), torch.float32),
+     ((1024, 28672), torch.bfloat16)],
+    ids=["up_proj^T-bf16", "up_proj-fp16", "q_proj-fp32", "70b-down_proj-rows-bf16"],
+)
+def test_cuda_row_llama_shapes(shape, dtype):
+    w = make_weight(shape, dtype, device="cuda")
+    norm = make_norm(shape[1], device="cuda")
+    k = shape[1] // 2
+    expected = ref.stable_rank_mask(ref.score(w, norm), k)  # torch.sort on the GPU
+    thr_e, take_e, eq_e = ref.threshold_triple(ref.score(w, norm), k)
+    work = w.clone()
+    with with_backend("triton"):
+        thr, take, eq = torch.ops.gradprobe.row_threshold(w, norm, k)
+        mask = torch.ops.gradprobe.row_prune_(work, norm, k)
+    assert torch.equal(thr, thr_e) and torch.equal(take, take_e) and torch.equal(eq, eq_e)
+    assert_masks_equal(mask, expected)
+    assert torch.equal(work, w.masked_fill(expected, 0))
