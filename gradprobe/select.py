@@ -204,6 +204,35 @@ def _prepare_global(weights, sparsity, norms) -> tuple[list[torch.Tensor], list[
     return weights, norms, num_pruned(sum(w.numel() for w in weights), sparsity)
 
 
+def score(weight: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 score of every weight, as the selection ops define it (``gradprobe/ops/_schemas.py``).
+
+    weight (out, in) float32/bfloat16/float16, norm (in,) float32 or None. Returns fp32 (out, in):
+    ``fp32(|W|) * |norm|`` (one fp32 multiply; ``|norm|`` canonicalises -0.0), or ``fp32(|W|)``.
+    Materialises the scores: for selection itself use the ops, which never do.
+    """
+    s = weight.abs().to(torch.float32)
+    if norm is not None:
+        s = s * norm.abs().to(torch.float32)
+    return s
+
+
+def row_mask_from_threshold(
+    weight: torch.Tensor, norm: torch.Tensor | None, threshold: torch.Tensor, take: torch.Tensor
+) -> torch.Tensor:
+    """bool mask (out, in) of each row's pruned set given its own threshold and take.
+
+    threshold fp32 (out,), take int64 (out,) (a per-row triple without ``equal``, e.g. from
+    ``gradprobe::row_cumsum_cut``): row i prunes s < threshold[i] and the first take[i] scores equal
+    to threshold[i] in column order (the tie rule of every selection op).
+    """
+    s = score(weight, norm)
+    t = threshold.reshape(-1, 1)
+    eq = s == t
+    rank = torch.cumsum(eq, dim=-1)  # 1-based position among the row's scores equal to t
+    return (s < t) | (eq & (rank <= take.reshape(-1, 1)))
+
+
 def kth_threshold(
     weight: torch.Tensor | Sequence[torch.Tensor],
     sparsity: float,

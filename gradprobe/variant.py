@@ -26,8 +26,7 @@ from typing import Any
 
 import torch
 
-from gradprobe.ops.reference import mask_from_triple, score
-from gradprobe.select import check_norm, check_sparsity, check_weight, num_pruned
+from gradprobe.select import check_norm, check_sparsity, check_weight, num_pruned, row_mask_from_threshold
 
 DEFAULT_TOL = 1e-3  # Wanda's: |achieved - target| <= 0.001 (as a fraction of the tensor)
 MAX_ITERS = 64
@@ -142,7 +141,7 @@ def variant_prune_mask(
 ) -> tuple[torch.Tensor, VariantResult]:
     """As :func:`variant_prune_` without modifying ``weight``."""
     result, thr, take = variant_alpha(weight, sparsity, norm=norm, tol=tol)
-    return mask_from_triple(score(weight, norm), thr, take), result
+    return row_mask_from_threshold(weight, norm, thr, take), result
 
 
 class VariantMaskFn:

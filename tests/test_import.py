@@ -139,3 +139,75 @@ def test_compiled_backend_is_registered_per_device(monkeypatch):
     assert _backend.resolve("pack_24_cutlass", "cuda")[0] == "cpp"
     with _backend.use_backend("cpp"), pytest.raises(_backend.BackendUnavailableError, match="for cpu tensors only"):
         _backend.resolve("row_mask", "cuda")
+
+
+# ---- production code never imports the reference (the test oracle) ----------------------------------
+
+_PACKAGE = ROOT / "gradprobe"
+# gradprobe/ops/__init__.py imports it to register the reference backend (the fallback); the reference
+# itself is the oracle. Every other module must reach the ops through torch.ops.gradprobe.
+_MAY_IMPORT_REFERENCE = {"ops/__init__.py", "ops/reference.py"}
+_PENDING = {"allocation.py": "OWL scores: switch to gradprobe.select.score (owned by the allocation work)"}
+
+
+def _imports_reference(path: pathlib.Path, package: tuple[str, ...] | None = None) -> list[int]:
+    """Line numbers of the imports of gradprobe.ops.reference in ``path`` (absolute or relative).
+
+    ``package``: the dotted package ``path`` belongs to, as parts (default: from its place under ROOT).
+    """
+    import ast
+
+    if package is None:
+        rel = path.relative_to(ROOT).with_suffix("")
+        package = rel.parts[:-1] if rel.name != "__init__" else rel.parts
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*package[: len(package) - node.level + 1], *([base] if base else [])])
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        if any(n == "gradprobe.ops.reference" or n.startswith("gradprobe.ops.reference.") for n in names):
+            lines.append(node.lineno)
+    return lines
+
+
+_MODULES = sorted(str(p.relative_to(_PACKAGE)) for p in _PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=_PENDING[m])) if m in _PENDING else m
+        for m in _MODULES
+        if m not in _MAY_IMPORT_REFERENCE
+    ],
+)
+def test_production_code_never_imports_the_reference(module):
+    lines = _imports_reference(_PACKAGE / module)
+    assert not lines, (
+        f"gradprobe/{module} imports gradprobe.ops.reference (the test oracle) at line(s) {lines}; "
+        "call the ops (torch.ops.gradprobe.*) or a production helper (gradprobe.select, gradprobe.ops._checks)"
+    )
+
+
+def test_reference_import_detector_sees_every_form(tmp_path):
+    """The detector above finds absolute, from-package and relative imports of the reference."""
+    assert _imports_reference(_PACKAGE / "ops" / "__init__.py")  # the allowed registration import
+    probe = tmp_path / "mod.py"
+    probe.write_text(
+        "import gradprobe.ops.reference\n"
+        "from gradprobe.ops.reference import score\n"
+        "from gradprobe.ops import reference\n"
+        "from . import reference\n"
+        "from .reference import score\n"
+        "from ..ops import reference\n"
+        "import gradprobe.select\n"
+        "from gradprobe.ops import _checks\n"
+        "from . import _schemas\n"
+    )
+    assert _imports_reference(probe, package=("gradprobe", "ops")) == [1, 2, 3, 4, 5, 6]

@@ -257,6 +257,19 @@ def test_cpp_baseline_isa_path_is_exact(monkeypatch):
             assert all(torch.equal(a, b) for a, b in zip(got, exp, strict=True)), (w.shape, k)
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_production_score_equals_the_oracle_bitwise(dtype):
+    """gradprobe.select.score (used by production code instead of the reference) is the contract's score."""
+    from gradprobe.select import score
+
+    w = make_weight((9, 130), dtype, kind="signed_zero")
+    norm = make_norm(130)
+    norm[3], norm[5] = -0.0, -2.5
+    for n in (None, norm):
+        got, expected = score(w, n), ref.score(w, n)
+        assert got.dtype == torch.float32 and torch.equal(got.view(torch.int32), expected.view(torch.int32))
+
 # ---- Triton kernels: the score key (kernels/_score.py) and the per-row radix select ----------------
 # On a CPU-only machine these run under TRITON_INTERPRET=1 (tests/conftest.py) on tiny shapes; on a GPU
 # machine on CUDA, plus the gpu-marked real Llama shapes.
