@@ -1,7 +1,7 @@
 """The Wanda variant's per-row cumulative cut (``gradprobe::row_cumsum_cut``) on CPU: C++ vs reference.
 
-    python bench/bench_row_cumsum_cut.py                  # 4096x11008 bf16 with Wanda norm
-    python bench/bench_row_cumsum_cut.py --shape 576x1536 # a SmolLM2-135M MLP tensor
+    python bench/bench_cumsum_cut.py                  # 4096x11008 bf16 with Wanda norm
+    python bench/bench_cumsum_cut.py --shape 576x1536 # a SmolLM2-135M MLP tensor
 
 The variant bisects alpha, calling the cut ~10 times per tensor, so this op is the variant's cost.
 Checked before timing: the C++ triple (threshold, take, pruned, total) equals the reference bit for bit.
@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     norm = torch.rand(i) * 3
     problem = f"{o}x{i} bf16 alpha={a.alpha}"
     nbytes = w.numel() * 2 + o * 28  # read W once, write the (fp32, 3 x int64) triple per row
-    b = H.Bench("row_cumsum_cut", "cpu")
+    b = H.Bench("cumsum_cut", "cpu")
     print(b.header(), flush=True)
     kw = dict(problem=problem, dtype=w.dtype, nbytes=nbytes, budget_s=a.budget, mode="cut")
 
