@@ -1,10 +1,10 @@
 """Sparsity allocation: how a model-wide budget is spread over decoder layers and tensors.
 
 An :class:`Allocation` is an exact plan: the number of weights each prunable tensor loses. The
-driver applies it through its hooks (``PruneConfig(sparsity_fn=..., mask_fn=...)``,
-:meth:`Allocation.config`): each tensor's count is spread over its rows (the first ``k % rows`` rows
-prune ``k // rows + 1``, the others ``k // rows``), and every row prunes its smallest Wanda scores
-exactly as :func:`gradprobe.prune_` does (ties -> lower index).
+pipeline consumes the counts directly (``PruneConfig(allocation=alloc)``, :meth:`Allocation.config`;
+:func:`gradprobe.plan.build_plan`): each tensor's count is spread over its rows (the first ``k % rows``
+rows prune ``k // rows + 1``, the others ``k // rows``, :func:`gradprobe.methods.prune_rows_`), and
+every row prunes its smallest scores exactly as :func:`gradprobe.prune_` does (ties -> lower index).
 
 Allocations:
 
@@ -191,40 +191,17 @@ class Allocation:
         sizes = self.layer_sizes()
         return [(k + 0.5) / sizes[i] for i, k in sorted(self.layer_counts().items())]
 
-    # -- driver hooks ----------------------------------------------------------------------------
-    def _spec(self, layer: int, name: str) -> TensorSpec:
-        for t in self.layout:
-            if t.layer == layer and t.name == name:
-                return t
-        raise KeyError(f"the allocation has no tensor ({layer}, {name!r}); build it for this model")
-
-    def sparsity_fn(self, layer: int, name: str, config: Any = None) -> float:
-        """The tensor's planned fraction k_t / numel (the driver reports it as the row's target)."""
-        return self.counts[(layer, name)] / self._spec(layer, name).numel
-
-    def mask_fn(
-        self, weight: torch.Tensor, norm: torch.Tensor | None, sparsity: float | None, ctx: Any
-    ) -> torch.Tensor:
-        """Prune exactly counts[(layer, name)] weights of ``weight`` (out, in) in place, per row.
-
-        Wanda / magnitude: the smallest scores of each row. ``method="sparsegpt"``: SparseGPT with the
-        same per-row counts (:func:`gradprobe.sparsegpt.sparsegpt_prune_` with ``k``).
-        """
-        k = self.counts[(ctx.layer_idx, ctx.name)]
-        if ctx.config.method == "sparsegpt":
-            from gradprobe.sparsegpt import SparseGPTMaskFn
-
-            return SparseGPTMaskFn()(weight, norm, None, ctx, k=k)
-        return prune_rows_(weight, k, norm=norm)
-
+    # -- applying the plan ------------------------------------------------------------------------
     def config(self, **overrides: Any):
-        """A :class:`gradprobe.PruneConfig` applying this plan (scope "row", unstructured).
+        """A :class:`gradprobe.PruneConfig` pruning exactly these counts (``allocation=self``, per row).
 
         ``alloc.config(method="sparsegpt")`` prunes the planned counts with SparseGPT (OWL + SparseGPT).
+        ``sparsity`` is the nominal budget the summary reports (the target, else the achieved fraction).
         """
         from gradprobe.config import PruneConfig
 
-        base = dict(sparsity=self.sparsity, sparsity_fn=self.sparsity_fn, mask_fn=self.mask_fn, scope="row")
+        nominal = self.target if self.target is not None else self.sparsity
+        base = dict(sparsity=nominal, allocation=self, scope="row")
         base.update(overrides)
         return PruneConfig(**base)
 
@@ -283,27 +260,6 @@ class Allocation:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
-
-
-def prune_rows_(weight: torch.Tensor, k: int, *, norm: torch.Tensor | None = None) -> torch.Tensor:
-    """Prune exactly ``k`` weights of ``weight`` (rows, cols) in place: the first ``k % rows`` rows
-    prune ``k // rows + 1`` of their smallest scores, the others ``k // rows`` (ties -> lower index).
-
-    Returns the bool mask (rows, cols), True = pruned.
-    """
-    rows, cols = weight.shape
-    if not (0 <= k <= rows * cols):
-        raise ValueError(f"k={k} must be in [0, {rows * cols}] for a weight of shape {(rows, cols)}")
-    a, r = divmod(k, rows)
-    w = weight if weight.is_contiguous() else weight.contiguous()
-    mask = torch.empty(w.shape, dtype=torch.bool, device=w.device)
-    if r:
-        mask[:r] = torch.ops.gradprobe.row_prune_(w[:r], norm, a + 1)
-    if r < rows:
-        mask[r:] = torch.ops.gradprobe.row_prune_(w[r:], norm, a)
-    if w is not weight:
-        weight.copy_(w)
-    return mask
 
 
 # --------------------------------------------------------------------------------------------------
@@ -553,137 +509,3 @@ def report_allocation(report: Any, method: str, target: float | None = None) -> 
     """An :class:`Allocation` describing a finished run (:class:`gradprobe.report.PruneReport`)."""
     layout = [TensorSpec(r.layer, r.name, *r.shape) for r in report.rows]
     return Allocation(method, layout, {(r.layer, r.name): r.pruned for r in report.rows}, target)
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI glue (``gradprobe prune --allocation ...``): called from gradprobe/cli.py
-# --------------------------------------------------------------------------------------------------
-ALLOCATIONS = ("uniform", "variant", "owl", "owl-rescaled", "explicit")
-
-
-def add_cli_args(p: Any) -> None:
-    """Add the allocation options to the ``prune`` argparse parser."""
-    p.add_argument(
-        "--allocation",
-        choices=ALLOCATIONS,
-        default="uniform",
-        help="how the sparsity budget is spread: uniform (every row the same), variant (Wanda's "
-        "cumulative-score cut, alpha bisected per tensor), owl (outlier-weighted layer ratios as "
-        "published: target - (r - mean r), r = LOD scaled to [0, 2 lambda]; exact total), owl-rescaled "
-        "(the same ratios scaled to stay within +-lambda), explicit (--layer-sparsity); "
-        "--scope global is the global threshold",
-    )
-    p.add_argument(
-        "--owl-m", type=float, default=5.0, help="OWL outlier multiple of the layer mean (default 5)"
-    )
-    p.add_argument(
-        "--owl-lambda",
-        type=float,
-        default=0.08,
-        help="OWL lambda (default 0.08): owl moves a layer's sparsity up to 2 lambda from the target, "
-        "owl-rescaled up to lambda",
-    )
-    p.add_argument(
-        "--variant-tol",
-        type=float,
-        default=1e-3,
-        help="variant: allowed |achieved - target| per tensor, as a fraction (default 0.001)",
-    )
-    p.add_argument(
-        "--layer-sparsity",
-        default=None,
-        metavar="SPEC",
-        help='explicit: comma-separated per-layer fractions ("0.4,0.5,...") or per kind/name '
-        '("attn=0.4,mlp=0.6"); with --sparsity the total must fit that target',
-    )
-
-
-def parse_layer_sparsity(text: str) -> list[float] | dict[str, float]:
-    """``"0.4,0.5"`` -> [0.4, 0.5]; ``"attn=0.4,mlp=0.6"`` -> {"attn": 0.4, "mlp": 0.6}."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    try:
-        if parts and all("=" in p for p in parts):
-            return {
-                k.strip(): check_sparsity(float(v), f"--layer-sparsity {k.strip()}")
-                for k, v in (p.split("=", 1) for p in parts)
-            }
-        if parts and not any("=" in p for p in parts):
-            return [check_sparsity(float(p), "--layer-sparsity") for p in parts]
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"--layer-sparsity {text!r}: {exc}") from None
-    raise ValueError(f'--layer-sparsity {text!r} must be "0.4,0.5,..." or "attn=0.4,mlp=0.6"')
-
-
-def check_cli_args(args: Any, config: Any) -> None:
-    """Validate the allocation options before anything is loaded (ValueError with the fix)."""
-    from gradprobe.variant import check_tol
-
-    kind = getattr(args, "allocation", "uniform")
-    if kind == "variant" and config.method == "sparsegpt":
-        raise ValueError("--allocation variant is Wanda's cumulative-score cut; use --method wanda with it")
-    if kind != "uniform" and (config.structure is not None or config.scope != "row"):
-        raise ValueError(f"--allocation {kind} needs --scope row and no N:M --structure")
-    if kind in ("owl", "owl-rescaled"):
-        if config.method not in ("wanda", "sparsegpt"):
-            raise ValueError(
-                f"--allocation {kind} needs --method wanda or sparsegpt (layer ratios from the outliers of "
-                "the Wanda scores)"
-            )
-        check_owl(config.sparsity, args.owl_m, args.owl_lambda, _owl_mapping(kind))
-    if kind == "variant":
-        check_tol(args.variant_tol)
-    if kind == "explicit":
-        if args.layer_sparsity is None:
-            raise ValueError("--allocation explicit needs --layer-sparsity")
-        parse_layer_sparsity(args.layer_sparsity)
-    elif args.layer_sparsity is not None:
-        raise ValueError("--layer-sparsity needs --allocation explicit")
-
-
-def _owl_mapping(kind: str) -> str:
-    return "published" if kind == "owl" else kind.removeprefix("owl-")
-
-
-def cli_settings(args: Any) -> dict[str, Any]:
-    """The allocation options, for the CLI's resume identity."""
-    return {
-        k: getattr(args, k, None)
-        for k in ("allocation", "owl_m", "owl_lambda", "variant_tol", "layer_sparsity")
-    }
-
-
-def config_from_cli(args: Any, config: Any, model: torch.nn.Module, batches: torch.Tensor | None):
-    """(config with the allocation's hooks, Allocation or None) for ``gradprobe prune``."""
-    kind = getattr(args, "allocation", "uniform")
-    if kind == "uniform":
-        return config, None
-    if kind == "variant":
-        from gradprobe.variant import VariantMaskFn
-
-        return config.replace(mask_fn=VariantMaskFn(args.variant_tol)), None
-    if kind in ("owl", "owl-rescaled"):
-        alloc = owl_from_model(
-            model,
-            batches,
-            config.sparsity,
-            m=args.owl_m,
-            lam=args.owl_lambda,
-            config=config,
-            mapping=_owl_mapping(kind),
-        )
-    else:
-        target = config.sparsity if args.sparsity is not None else None
-        alloc = explicit_allocation(
-            model_layout(model), parse_layer_sparsity(args.layer_sparsity), target=target
-        )
-    nominal = alloc.target if alloc.target is not None else alloc.sparsity  # what the summary prints
-    return config.replace(sparsity=nominal, sparsity_fn=alloc.sparsity_fn, mask_fn=alloc.mask_fn), alloc
-
-
-def save_cli_outputs(out: str | Path, report: Any, alloc: Allocation | None, kind: str) -> None:
-    """Write ``allocation.md`` and ``allocation.png`` (per-layer table and plot) into ``out``."""
-    a = alloc or report_allocation(
-        report, kind, report.config.sparsity if isinstance(report.config.sparsity, float) else None
-    )
-    Path(out, "allocation.md").write_text(a.table() + "\n")
-    a.save_plot(Path(out, "allocation.png"))

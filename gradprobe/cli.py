@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=_positive_int, default=8, help="calibration windows per layer forward"
     )
-    from gradprobe.allocation import add_cli_args  # issue 7: --allocation uniform|variant|owl|explicit
+    from gradprobe.allocation_args import add_cli_args  # --allocation uniform|variant|owl|explicit
 
     add_cli_args(p)
     _add_probe_args(p)
@@ -472,10 +472,10 @@ def cmd_prune(args) -> int:
         stream.check_cli_args(args)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    from gradprobe import allocation  # issue 7
+    from gradprobe.allocation_args import AllocationSpec
 
     try:
-        allocation.check_cli_args(args, config)
+        AllocationSpec.from_args(args).check(config)
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
     from gradprobe import _checkpoint, preflight
@@ -549,7 +549,7 @@ def cmd_prune(args) -> int:
     distributed.barrier()
     from gradprobe.api import prune
 
-    config, alloc = allocation.config_from_cli(args, config, model, batches)
+    config, alloc = AllocationSpec.from_args(args).apply(config, model, batches)
     try:
         if args.probe:
             report = _probe_checkpointed(args, model, batches, config, partial / "probe")
@@ -604,12 +604,7 @@ def cmd_prune(args) -> int:
     summary["seconds"] = time.perf_counter() - t0
 
     def allocation_files(stage):
-        from gradprobe.report import optional_plot
-
-        a = allocation.report_allocation(report, args.allocation, report.config.sparsity) if alloc is None else alloc
-        (stage / "allocation.md").write_text(a.table() + "\n")
-        if not args.no_plot:
-            optional_plot(a.save_plot, stage / "allocation.png")
+        AllocationSpec.from_args(args).write_files(stage, report, alloc, plots=not args.no_plot)
 
     if not distributed.is_writer():
         distributed.barrier()  # rank 0 saves; its failure to save reaches this rank here
@@ -645,7 +640,8 @@ def cmd_prune(args) -> int:
 def _run_record(args, config, report, calibration) -> dict:
     """Everything that determined the result, for gradprobe_run.json and prune_report.md/.json: the
     method and its settings, the allocation, calibration, seed, versions and every option given."""
-    from gradprobe import allocation, preflight
+    from gradprobe import preflight
+    from gradprobe.allocation_args import AllocationSpec
 
     method = config.method + (" + gradient probe" if args.probe else "")
     probe = None
@@ -666,7 +662,7 @@ def _run_record(args, config, report, calibration) -> dict:
         "achieved sparsity": report.sparsity,
         "scope": config.structure or config.scope,
         "probe": probe,
-        "allocation": preflight.jsonable(allocation.cli_settings(args)),
+        "allocation": preflight.jsonable(AllocationSpec.from_args(args).settings()),
         "calibration": calibration,
         "seed": args.seed,
         "versions": preflight.versions(),

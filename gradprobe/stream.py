@@ -462,7 +462,8 @@ def cmd_prune(args: Any, config: PruneConfig, sizes: dict, out: Path, partial: P
 
     from transformers import AutoTokenizer
 
-    from gradprobe import _checkpoint, allocation, data, io
+    from gradprobe import _checkpoint, data, io
+    from gradprobe.allocation_args import AllocationSpec
     from gradprobe.cli import UsageError, _run_record
 
     try:
@@ -493,7 +494,7 @@ def cmd_prune(args: Any, config: PruneConfig, sizes: dict, out: Path, partial: P
         partial.mkdir(parents=True, exist_ok=True)
         _checkpoint.write_signed_json(partial / "settings.json", settings)
     distributed.barrier()
-    config, alloc = allocation.config_from_cli(args, config, skeleton, batches)
+    config, alloc = AllocationSpec.from_args(args).apply(config, skeleton, batches)
     del skeleton
 
     def save(ckpt, tokenizer, out_dir, report, **kw):
@@ -504,12 +505,7 @@ def cmd_prune(args: Any, config: PruneConfig, sizes: dict, out: Path, partial: P
         summary["seconds"] = time.perf_counter() - t0
 
         def allocation_files(stage):
-            from gradprobe.report import optional_plot
-
-            a = alloc or allocation.report_allocation(report, args.allocation, report.config.sparsity)
-            (stage / "allocation.md").write_text(a.table() + "\n")
-            if not args.no_plot:
-                optional_plot(a.save_plot, stage / "allocation.png")
+            AllocationSpec.from_args(args).write_files(stage, report, alloc, plots=not args.no_plot)
 
         return io.save_pruned(ckpt, tokenizer, out_dir, report, extra_json=summary, extra_files=allocation_files,
                               plots=not args.no_plot, **kw)
