@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from gradprobe import cli, zeroshot  # noqa: E402
+from gradprobe import cli, jobs, zeroshot  # noqa: E402
 from tests.text_helpers import char_tokenizer  # noqa: E402
 from tests.tiny_models import tiny_llama  # noqa: E402
 
@@ -122,7 +122,7 @@ def test_hub_task_offline_fails_fast_with_one_line(tmp_path):
 def test_cli_eval_tasks_bad_task_exits_2_before_loading(tmp_path, capsys, monkeypatch, local_index_only):
     write_task(tmp_path / "tasks")
     loaded = []
-    monkeypatch.setattr(cli, "_load", lambda args: loaded.append(1))
+    monkeypatch.setattr(jobs, "_load", lambda job: loaded.append(1))
     rc = cli.main(["eval", "--tasks", "nope_task", "--tasks-include", str(tmp_path / "tasks"), "--device", "cpu"])
     assert rc == 2 and not loaded
     err = capsys.readouterr().err
@@ -136,7 +136,7 @@ def test_cli_eval_tasks_bad_task_exits_2_before_loading(tmp_path, capsys, monkey
 def test_cli_eval_with_local_task(tmp_path, capsys, monkeypatch):
     name = write_task(tmp_path / "tasks")
     model, tok = tiny_llama(vocab=256), tokenizer()
-    monkeypatch.setattr(cli, "_load", lambda args: (model, tok))
+    monkeypatch.setattr(jobs, "_load", lambda job: (model, tok))
     monkeypatch.setattr("gradprobe.data.eval_ids", lambda tok, src: torch.randint(0, 96, (600,)))
     rc = cli.main(["eval", "--tasks", name, "--tasks-include", str(tmp_path / "tasks"), "--device", "cpu",
                    "--eval-context", "64", "--eval-windows", "2", "--json"])
