@@ -265,6 +265,7 @@ class ResumeState:
         self, kind: str, i: int, tensors: dict[str, torch.Tensor], rows: list[TensorRow], seconds: float
     ) -> None:
         record = {"kind": kind, "rows": [r.to_dict() for r in rows], "seconds": seconds}
+        self._verified.pop(i, None)  # a record replacing another (norms -> layer) must not serve the old tensors
         if not distributed.is_writer():  # rank 0 writes; the others keep the same state in memory
             self.state["finished"][str(i)] = record
             return

@@ -19,6 +19,8 @@ Model of a run with W ranks:
     NaN sticks as in ``gradprobe::probe_accumulate_`` (gloo's MAX does not propagate NaN reliably, so
     NaN positions travel separately).
   - integer counts (OWL's outliers) are computed from the reduced norms, identical on every rank.
+  - the streamed global selection's score histograms (:func:`all_sum_`): each rank counts the scores of
+    its own share of the tensors; integer sums are exact in any order.
 
 * Every rank computes the same masks; :func:`agree` proves it (all-gather of a sha256 per step) before
   anything is written, and only rank 0 writes (:func:`is_writer`).
@@ -189,6 +191,25 @@ def all_sum_int(value: int) -> int:
         t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return int(t.item())
+
+    return _checked(run)
+
+
+def all_sum_(t: torch.Tensor) -> torch.Tensor:
+    """In place: the integer tensor ``t`` <- its element-wise sum over ranks (exact in any order: integer
+    counts, e.g. the global selection's score histograms when each rank scores its own share of the
+    tensors). Returns ``t``; the identity without a process group."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"all_sum_ sums integer counts exactly; got {t.dtype} (a float sum would depend on the order)")
+    if not active():
+        return t
+
+    def run():
+        x = t.to(_comm_device())
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        if x is not t:
+            t.copy_(x)
+        return t
 
     return _checked(run)
 

@@ -11,6 +11,11 @@ calibration capture and lm_head only when it is pruned.
 Peak host memory ~= max(embeddings, one decoder layer) + the calibration activations (two buffers of
 nsamples x seqlen x hidden) + the selection's temporaries for one tensor, whatever the number of layers.
 
+Scope "global" streams too (:mod:`gradprobe.pipeline.global_scope`): the dense-norm pass visits each
+layer once (the norms, in_features floats per tensor, stay in memory), two histogram passes read every
+layer again to find the exact global threshold, and the mask pass reads, prunes and checkpoints each
+layer: three reads of the weights (four for Wanda), one layer in memory at a time.
+
 The output is written by :class:`StreamedCheckpoint` into the staging directory of
 :func:`gradprobe.io.save_pruned` (atomic rename, never into the source): every source shard is
 rewritten under its own name, tensor by tensor, with the pruned linears taken from the driver's
@@ -336,15 +341,6 @@ class StreamedCheckpoint:
 # --------------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------------
-def check_streamable(config: PruneConfig) -> None:
-    """ValueError naming the option when ``config`` needs every layer at once (or the whole model)."""
-    if config.scope == "global":
-        raise ValueError(
-            "stream: scope='global' (--scope global) needs every layer's scores at once; use scope 'row' or "
-            "'layer', or prune in memory (without --stream)"
-        )
-
-
 def prune_streamed(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -368,8 +364,8 @@ def prune_streamed(
     Args:
         model_dir: a local checkpoint directory (``model.safetensors``, or shards + index).
         out_dir: the output directory; must not overlap ``model_dir``; written atomically.
-        config: the :class:`PruneConfig` (scope "row" or "layer", N:M, per-layer sparsities, any
-            ``mask_fn``; not scope "global").
+        config: the :class:`PruneConfig` (scope "row", "layer" or "global", N:M, per-layer
+            sparsities, any ``mask_fn``).
         batches: calibration token ids, int64 (nsamples, seqlen), for Wanda / SparseGPT; None for
             magnitude.
         dtype: "auto" (the checkpoint's) or a dtype, as ``from_pretrained(dtype=...)``.
@@ -394,7 +390,6 @@ def prune_streamed(
     config = config if config is not None else PruneConfig()
     if not isinstance(config, PruneConfig):
         raise TypeError(f"config must be a gradprobe.PruneConfig or None, got {type(config).__name__}")
-    check_streamable(config)
     source = SourceCheckpoint(model_dir)
     out = io.check_out_dir(out_dir, source=source.dir, overwrite=overwrite)
     check_out_location(out, flag="out_dir")

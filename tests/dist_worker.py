@@ -87,6 +87,35 @@ def _stream():
     return {}
 
 
+def _stream_global():
+    """``prune_streamed`` with Wanda scope "global": two histogram passes (each rank scores its share of
+    the layers; integer counts summed over ranks), then the mask pass; rank 0 writes $GP_OUT/stream_global."""
+    import gradprobe
+    from gradprobe.stream import prune_streamed
+
+    out = Path(os.environ["GP_OUT"]) / "stream_global"
+    prune_streamed(os.environ["GP_MODEL"], out, gradprobe.PruneConfig(progress=False, batch_size=2, scope="global",
+                                                                       sparsity=0.6), _batches(), plots=False)
+    return {}
+
+
+def _global_split():
+    """select_global(split=True) over 4 tensors with ties and mixed dtypes, each rank scoring its contiguous
+    share; every rank then computes the masks of all tensors and reports the threshold triple."""
+    from gradprobe import distributed
+    from gradprobe.pipeline.global_scope import select_global
+
+    g = torch.Generator().manual_seed(5)
+    ws = [torch.randint(-3, 4, (33, 17), generator=g).float(), (torch.randn(9, 40, generator=g) * 3).round().bfloat16(),
+          torch.randn(1, 7, generator=g), torch.randint(-3, 4, (20, 20), generator=g).half()]
+    ns = [torch.randint(0, 3, (w.shape[1],), generator=g).float() for w in ws]
+    a, b = distributed.sample_range(len(ws))
+    sel = select_global(lambda: ((j, ws[j], ns[j]) for j in range(a, b)), [w.numel() for w in ws], 0.55, split=True)
+    out = {f"mask{j}": sel.mask(j, w, ns[j]) for j, w in enumerate(ws)}
+    out["triple"] = torch.tensor([int(sel.threshold.view(torch.int32)), sel.take, sel.equal, *sel.equal_before])
+    return out
+
+
 def _cli(name: str = "cli", *extra: str):
     """``gradprobe prune`` of $GP_MODEL (calibration text $GP_TEXT) into $GP_OUT/NAME: inside the process group
     the launcher made, as under torchrun; rank 0 writes."""
@@ -176,6 +205,8 @@ CASES = {
     "probe_model_global": lambda: _probe("model", "global"),
     "all_max": _all_max,
     "stream": _stream,
+    "stream_global": _stream_global,
+    "global_split": _global_split,
     "cli": _cli,
     "cli_probe": lambda: _cli("cli_probe", "--probe"),
     "sparsegpt_refused": lambda: _wanda(method="sparsegpt"),

@@ -20,7 +20,7 @@ import torch
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 ROOT = WORKER.parent.parent
 MASK_CASES = ["wanda_row", "wanda_layer", "wanda_global", "wanda_24", "wanda_head", "owl", "probe_layerwise",
-              "probe_model_global", "all_max", "stream", "cli", "cli_probe"]
+              "probe_model_global", "all_max", "stream", "stream_global", "global_split", "cli", "cli_probe"]
 
 
 def _free_port() -> int:
@@ -98,7 +98,7 @@ def _check_equal(ranks: list[tuple[dict, dict]], ref: dict[str, torch.Tensor], c
                 assert torch.equal(tensors[k], v), f"rank {r} of {len(ranks)}: {k} differs from one process"
     pruned = [k for k in ref if not k.startswith("all_max/") and (k.startswith("wanda_head/") or "lm_head" not in k)]
     assert pruned and all(int((ref[k] == 0).sum()) > 0 for k in pruned)  # every case really pruned
-    for case in ("stream", "cli", "cli_probe"):  # rank 0 wrote the same checkpoint as one process, and no staging is left
+    for case in ("stream", "stream_global", "cli", "cli_probe"):  # rank 0 wrote the same checkpoint as one process, and no staging is left
         if case in cases:
             a = load_file(str(ref_dir / case / "model.safetensors"))
             b = load_file(str(run_dir / case / "model.safetensors"))

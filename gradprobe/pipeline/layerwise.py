@@ -9,8 +9,9 @@ Algorithm (as the Wanda reference, https://github.com/locuslab/wanda/blob/main/l
    prune every prunable linear in place (``config.mask_fn`` or :func:`gradprobe.prune_`); re-run the
    *pruned* layer to produce the next layer's inputs into the second buffer; swap buffers; move the
    layer back.
-3. Scope "global": one pass over the dense model collects all norms, then one
-   :func:`gradprobe.global_prune_` over every prunable tensor (on the weights' device).
+3. Scope "global" (:mod:`gradprobe.pipeline.global_scope`): one pass over the dense model collects
+   all norms, then one selection over every prunable tensor: :func:`gradprobe.global_prune_` in
+   memory, or, streamed (a layer provider), two histogram passes and a mask pass, a layer at a time.
 
 Resume: after every finished layer the pruned linears are saved (safetensors) with a JSON state.
 A rerun restores finished layers and *recomputes* their outputs from the layer-0 inputs with the
@@ -47,7 +48,7 @@ from gradprobe.pipeline.calibration import (
     on_device,
 )
 from gradprobe.report import PruneReport, TensorRow
-from gradprobe.select import global_prune_, prune_
+from gradprobe.select import prune_
 from gradprobe.stats import ChannelStats
 
 
@@ -191,11 +192,6 @@ class LayerwisePruner:
                         f"structure={config.structure!r} needs in_features divisible by {m}; "
                         f"layer {i} {n} has in_features={lin.in_features}"
                     )
-        if layer_provider is not None and config.scope == "global":
-            raise ValueError(
-                "scope='global' needs every layer's scores at once and cannot stream one layer at a time; "
-                "use scope='row' or 'layer', or prune in memory"
-            )
         if config.scope == "global" and config.mask_fn is not None:
             raise ValueError("PruneConfig.mask_fn is per tensor and cannot be combined with scope='global'")
         self.wanda = config.needs_calibration
@@ -392,49 +388,6 @@ class LayerwisePruner:
         return rows
 
     def _run_global(self, layer_seconds: dict[int, float], resumed: list[int]) -> list[TensorRow]:
-        dev = torch.device(self.config.device)
-        all_norms: dict[tuple[int, str], torch.Tensor] = {}
-        if self.wanda:
-            calib = capture_calibration(self.model, self.batches, self.config, self.adapter)
-            inps, outs = calib.inputs, torch.empty_like(calib.inputs)
-            bar = self._progress(len(self.groups), "wanda global: dense norms")
-            for i, layer in enumerate(self.layers):
-                t0 = time.perf_counter()
-                done = self.resume is not None and distributed.all_true(self.resume.finished(i))
-                with on_device(layer, dev):
-                    if done:
-                        norms = self.resume.tensors("norms", i)
-                        calib.run_layer(layer, i, inps, outs)
-                        resumed.append(i)
-                        bar.set_postfix_str(restored_note(resumed), refresh=False)
-                    else:  # dense outputs feed layer i + 1
-                        st = calib.layer_stats(layer, i, self.groups[i], inps, outs)
-                        norms = {k: v.cpu() for k, v in st.norms().items()}
-                inps, outs = outs, inps
-                for name, v in norms.items():
-                    all_norms[(i, name)] = v
-                layer_seconds[i] = time.perf_counter() - t0
-                if not done:
-                    self._finish_layer(i, [], layer_seconds[i], kind="norms", tensors=norms)
-                bar.update(1)
-            if self.num_layers in self.groups:
-                st = calib.head_stats(inps)
-                all_norms[(self.num_layers, LM_HEAD)] = st[LM_HEAD].norm().cpu()
-                bar.update(1)
-            bar.close()
-            del calib, inps, outs
-        keys = [(i, n) for i, g in self.groups.items() for n in g]
-        weights = [self.groups[i][n].weight.data for i, n in keys]
-        norms = (
-            [all_norms[k].to(w.device) for k, w in zip(keys, weights, strict=True)] if self.wanda else None
-        )
-        t0 = time.perf_counter()
-        masks = global_prune_(weights, self.config.sparsity, norms=norms)
-        secs = time.perf_counter() - t0
-        if distributed.active():
-            distributed.agree("global masks", distributed.masks_digest(masks))
-        total = sum(w.numel() for w in weights)
-        return [
-            _row(i, n, w, m, self.config.sparsity, secs * w.numel() / total)
-            for (i, n), w, m in zip(keys, weights, masks, strict=True)
-        ]
+        from gradprobe.pipeline.global_scope import run_global
+
+        return run_global(self, layer_seconds, resumed)
