@@ -244,9 +244,6 @@ def check_stream_args(args: Any) -> None:
     if args.probe:
         raise ValueError("--stream cannot be combined with --probe (the probe back-propagates through the whole "
                          "model); prune in memory")
-    if args.scope == "global":
-        raise ValueError("--stream cannot be combined with --scope global (it needs every layer's scores at once); "
-                         "use --scope row or layer")
     if getattr(args, "allocation", "uniform") in ("owl", "owl-rescaled"):
         raise ValueError(f"--stream cannot be combined with --allocation {args.allocation} (its layer ratios need "
                          "every layer's outliers first); use uniform, variant or explicit")

@@ -217,3 +217,21 @@ def test_streamed_global_resumes(sharded, tmp_path, monkeypatch, stop_at):
     report = prune_streamed(sharded, tmp_path / "out", config, batches, plots=False)
     assert report.resumed_layers == ([0, 1] if stop_at == "norms" else [0, 1, 2])
     _assert_same(_state(tmp_path / "out"), _in_memory(sharded, config, batches))
+
+
+def test_cli_stream_scope_global_equals_in_memory(tmp_path):
+    """``gradprobe prune --stream --scope global`` writes what the in-memory ``--scope global`` run writes."""
+    from safetensors.torch import load_file
+    from tiny_models import prune_argv, save_tiny_checkpoint
+
+    from gradprobe import cli
+
+    model_dir, text = save_tiny_checkpoint(tmp_path / "ckpt", num_layers=2)
+    extra = ("--no-eval", "--no-plot", "--scope", "global")
+    assert cli.main(prune_argv(model_dir, text, tmp_path / "mem", *extra)) == 0
+    assert cli.main(prune_argv(model_dir, text, tmp_path / "str", "--stream", *extra)) == 0
+    a, b = load_file(str(tmp_path / "mem" / "model.safetensors")), load_file(str(tmp_path / "str" / "model.safetensors"))
+    _assert_same(b, a)
+    linears = [k for k in a if k.endswith("proj.weight")]
+    zeros, total = sum(int((a[k] == 0).sum()) for k in linears), sum(a[k].numel() for k in linears)
+    assert zeros == total // 2  # one group: exactly floor(0.5 * total) pruned (the random weights hold no zeros)

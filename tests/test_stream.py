@@ -298,7 +298,6 @@ def checkpoint(tmp_path_factory):
     "extra, message",
     [
         (["--probe"], "--stream cannot be combined with --probe"),
-        (["--scope", "global"], "--stream cannot be combined with --scope global"),
         (["--allocation", "owl"], "--stream cannot be combined with --allocation owl"),
         (["--eval-windows", "2"], "--stream does not evaluate perplexity"),
     ],
