@@ -103,98 +103,24 @@ def _nonneg_float(text: str) -> float:
 
 
 def _add_probe_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("gradient probe (gradprobe.probe_prune_)")
-    g.add_argument("--probe", action="store_true", help="prune with the gradient probe: candidates whose |grad| grew when shrunk are restored")
-    g.add_argument("--reduction-factor", type=_fraction, default=0.1, help="probe: candidates are scaled by r in (0, 1) (default 0.1)")
-    g.add_argument("--gradient-threshold", type=_nonneg_float, default=0.0, help="probe: tau >= 0, prune if G1 <= G0 * (1 + tau) (default 0)")
-    g.add_argument("--adaptive-threshold", action="store_true", help="probe: scale tau by sqrt(numel / largest numel) per tensor")
-    g.add_argument("--probe-mode", choices=["model", "layerwise", "regional"], default="model",
-                   help="probe: one G0/G1 pass for the model, per decoder layer (model loss), or per decoder layer "
-                        "with the block-local loss ||block output||^2 (regional)")
-    g.add_argument("--probe-target", choices=["candidates", "exact"], default="candidates",
-                   help="probe: prune the candidates whose gradient did not grow (candidates; prunes <= --sparsity), "
-                        "or exactly --sparsity: of the candidates at --candidate-sparsity, the not-grown ones first, then the "
-                        "grown ones, each in score order (exact)")
-    g.add_argument("--candidate-sparsity", type=_fraction, default=None,
-                   help="probe --probe-target exact: candidate fraction s' >= --sparsity (default s + 0.2 (1 - s))")
-    g.add_argument("--probe-order", choices=["reverse", "forward"], default="reverse", help="probe: layer order in layerwise mode")
+    from gradprobe import probe_run  # the probe's options, checks and run live there
+
+    probe_run.add_cli_args(p)
 
 
 def _check_probe_args(args) -> None:
-    if not args.probe:
-        return
-    if args.structure != "unstructured":
-        raise UsageError(f"--probe cannot be combined with --structure {args.structure}: restoring a candidate breaks the N:M pattern")
-    if args.method == "sparsegpt":
-        raise UsageError("--probe filters Wanda or magnitude candidates; use --method wanda or magnitude")
-    if getattr(args, "allocation", "uniform") != "uniform":
-        raise UsageError(f"--probe cannot be combined with --allocation {args.allocation}; use uniform")
-    if not 0.0 < args.reduction_factor < 1.0:
-        raise UsageError(f"--reduction-factor must be in (0, 1), got {args.reduction_factor}")
-    if args.candidate_sparsity is not None:
-        if args.probe_target != "exact":
-            raise UsageError("--candidate-sparsity is used only with --probe-target exact")
-        if args.candidate_sparsity < (args.sparsity if args.sparsity is not None else 0.5):
-            raise UsageError(f"--candidate-sparsity {args.candidate_sparsity} must be >= --sparsity")
+    from gradprobe import probe_run
 
-
-def _run_probe(args, model, batches, config):
-    """Prune with the gradient probe and describe the result as a PruneReport."""
-    import re
-
-    from gradprobe.probe import SizeAdaptive, probe_prune_
-    from gradprobe.report import PruneReport, TensorRow
-
-    t0 = time.perf_counter()
-    tau = SizeAdaptive(args.gradient_threshold) if args.adaptive_threshold else args.gradient_threshold
-    masks = probe_prune_(
-        model, batches, config.sparsity, method=config.method, scope=config.scope,
-        reduction_factor=args.reduction_factor, gradient_threshold=tau, mode=args.probe_mode,
-        order=args.probe_order, target=args.probe_target, candidate_sparsity=args.candidate_sparsity, progress=True,
-    )
-    rows = []
-    for name, m in masks.items():
-        layer = re.search(r"layers\.(\d+)\.", name)
-        rows.append(TensorRow(layer=int(layer.group(1)) if layer else -1, name=name, shape=tuple(m.shape),
-                              numel=m.numel(), pruned=int(m.sum()), target=config.sparsity, seconds=0.0))
-    return PruneReport(rows=rows, config=config, nsamples=int(batches.shape[0]), seqlen=int(batches.shape[-1]),
-                       seconds=time.perf_counter() - t0, model_type=model.config.model_type)
+    try:
+        probe_run.check_cli_args(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _probe_checkpointed(args, model, batches, config, directory):
-    """:func:`_run_probe`, with its result checkpointed in ``directory`` (checksummed, per decoder layer)
-    so that a failure after the probe (evaluation, a full disk at save time) loses nothing: the rerun
-    restores the pruned weights instead of probing again. A partial checkpoint is redone whole (the
-    probe itself does not resume mid-way)."""
-    from collections import defaultdict
+    from gradprobe import probe_run
 
-    from gradprobe._checkpoint import ResumeState
-    from gradprobe.report import PruneReport
-
-    shapes = {n: list(p.shape) for n, p in model.named_parameters()}
-    state = ResumeState(directory, {"probe result of": model.config.model_type, "shapes": shapes}, {})
-    layers = sorted(state.state["finished"], key=int)
-    if layers and all(state.finished(int(i)) for i in layers) and state.state.get("complete"):
-        import torch
-
-        rows = []
-        with torch.no_grad():
-            for i in layers:
-                for name, t in state.tensors("layer", int(i)).items():
-                    model.get_parameter(name).data.copy_(t)
-                rows += state.rows(int(i))
-        return PruneReport(rows=rows, config=config, nsamples=int(batches.shape[0]), seqlen=int(batches.shape[-1]),
-                           model_type=model.config.model_type, resumed_layers=[int(i) for i in layers])
-    report = _run_probe(args, model, batches, config)
-    by_layer = defaultdict(list)
-    for r in report.rows:
-        by_layer[r.layer].append(r)
-    state.state["finished"], state.state["complete"] = {}, False
-    for i, rows in sorted(by_layer.items()):
-        state.mark("layer", i, {r.name: model.get_parameter(r.name) for r in rows}, rows, 0.0)
-    state.state["complete"] = True
-    state.flush()
-    return report
+    return probe_run.run(args, model, batches, config, directory)
 
 
 def build_parser() -> argparse.ArgumentParser:

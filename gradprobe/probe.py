@@ -39,6 +39,15 @@ Modes:
   gradients): L = ||layer_i(h)||_2^2 (fp32) of the decoder layer's output for its cached input h,
   so each gradient pass runs only that one block forward and backward (no tail, no LM head, no labels).
 
+Memory (``streamed=True``, the default): the model-loss gradients of ``"model"`` and ``"layerwise"``
+go through :class:`gradprobe.pipeline.backward.StreamedBackward`, one decoder layer's autograd graph
+at a time (no-grad forward keeping each layer's input, then per layer a recomputed forward and its
+backward; the gradients equal the whole graph's bit for bit on the CPU). With ``device`` set to other
+than where the model lives, each decoder layer (and the embedding, the head) is moved to the device
+only while it runs, so the device holds about one layer + the boundary activations of one batch +
+lm_head and its logits (``bench/bench_probe_memory.py``). ``resume_dir`` checkpoints every finished
+layer (the whole probe in model mode) so that an interrupted run continues where it stopped.
+
 Gradient statistics are accumulated on the device as gradients arrive (a post-accumulate-grad hook
 calling ``gradprobe::probe_accumulate_``; the ``.grad`` is dropped at once), so at most one gradient
 per probed tensor lives at a time and nothing is copied to the CPU per batch. The decision, restore
@@ -46,7 +55,9 @@ and zeroing are one op, ``gradprobe::probe_apply_``. The cache kept per tensor (
 :meth:`ProbeResult.apply_`) holds only candidate entries: original values, G0 and G1 (fp32).
 
 Wanda norms: ||X_j||_2 over all calibration tokens of each linear's input, collected during the G0
-pass (so with the earlier part of the model exactly as it is when the layer is probed); with
+pass (so with the earlier part of the model exactly as it is when the layer is probed) by
+:class:`gradprobe.stats.ChannelStats` (per-window fp32 partials summed in window order, as every
+collector; a streamed backward's recomputed forward is not counted again); with
 ``scope="global"`` all candidates are chosen up front, from one dense no-grad pass (as the driver's
 global scope does). Pass ``norms`` to use your own.
 
@@ -57,8 +68,10 @@ raises ``ValueError``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,8 +81,10 @@ import torch
 from torch import nn
 
 from gradprobe import distributed
+from gradprobe._checkpoint import batches_digest
 from gradprobe.select import check_sparsity, global_prune_masks, num_pruned, prune_mask
-from gradprobe.stats import sum_of_squares
+from gradprobe.pipeline.backward import StreamedBackward, held_on
+from gradprobe.stats import ChannelStats
 
 METHODS = ("wanda", "magnitude")
 SCOPES = ("row", "layer", "global")
@@ -256,6 +271,8 @@ class ProbeResult:
         tensors: name -> :class:`TensorProbe` (the cache that threshold tuning reuses).
         threshold: the ``gradient_threshold`` spec used.
         seconds: wall time of the run; passes: gradient passes (forward+backward over all batches).
+        restored: name -> mask of the tensors restored from ``resume_dir`` (no cache: :meth:`apply_` and
+            :meth:`restore_` leave them as they are); ``info["resumed_layers"]`` their layers.
     """
 
     tensors: dict[str, TensorProbe]
@@ -264,10 +281,12 @@ class ProbeResult:
     seconds: float = 0.0
     passes: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    restored: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        return {n: t.mask for n, t in self.tensors.items()}
+        """{name: bool mask}: probed tensors, then those restored from the resume checkpoint."""
+        return {n: t.mask for n, t in self.tensors.items()} | self.restored
 
     def apply_(self, threshold: Threshold) -> dict[str, torch.Tensor]:
         """Re-decide every tensor from the cached G0/G1 with another threshold (no gradient pass).
@@ -394,24 +413,23 @@ def _targets(model: nn.Module, adapter) -> list[list[_Target]]:
     return out
 
 
-class _NormCollector:
-    """Forward hooks summing x_j^2 (fp32) over all tokens of each linear's input."""
+class _Norms:
+    """Wanda norms ||X_j||_2 of the probed linears' inputs, accumulated by :class:`gradprobe.stats.ChannelStats`
+    (fp32 per-window partials in window order, as every other collector) from forward pre-hooks.
 
-    def __init__(self, targets: Sequence[_Target]):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.parts: dict[str, list[torch.Tensor]] = {}  # under torch.distributed: per-batch partials
-        self.handles = [t.module.register_forward_hook(self._hook(t.name)) for t in targets]
+    ``counting()`` says whether a forward counts: the streamed backward's recomputation of a layer
+    does not (its tokens were counted in the forward)."""
+
+    def __init__(self, targets: Sequence[_Target], device: torch.device, counting: Callable[[], bool] = lambda: True):
+        self.stats = {t.name: ChannelStats(t.module.in_features, device) for t in targets}
+        self.counting = counting
+        self.handles = [t.module.register_forward_pre_hook(self._hook(t.name)) for t in targets]
         self.result: dict[str, torch.Tensor] | None = None
 
     def _hook(self, name: str):
-        def hook(mod, args, out):
-            s = sum_of_squares(args[0].detach())
-            if distributed.active():
-                self.parts.setdefault(name, []).append(s)
-            elif name in self.sums:
-                self.sums[name] += s
-            else:
-                self.sums[name] = s
+        def hook(mod, args):
+            if self.counting():
+                self.stats[name].add(args[0].detach())
 
         return hook
 
@@ -422,13 +440,13 @@ class _NormCollector:
         self.handles = []
 
     def remove(self) -> dict[str, torch.Tensor]:
-        """Remove the hooks; {name: ||X_j||_2}. Across ranks: the per-batch partials summed in global batch
-        order, as one process sums them. Idempotent (the result is computed once)."""
+        """Remove the hooks; {name: ||X_j||_2 (in_features,) fp32}, combined across ranks in global window
+        order. Idempotent (computed once)."""
         self.close()
         if self.result is None:
-            for name, parts in self.parts.items():
-                self.sums[name] = distributed.ordered_sum(distributed.gather_rows(torch.stack(parts)))
-            self.result = {n: s.sqrt() for n, s in self.sums.items()}
+            for st in self.stats.values():
+                st.all_reduce()
+            self.result = {n: st.norm() for n, st in self.stats.items()}
         return self.result
 
 
@@ -439,12 +457,32 @@ def _default_loss(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], to
     return loss
 
 
-class _Runner:
-    """Forward/backward over the whole model or from a layer's cached input."""
+def _as_device(device: torch.device | str) -> torch.device:
+    """torch.device, with a bare "cuda" resolved to the current CUDA device (so it compares equal to
+    where a tensor actually is)."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
 
-    def __init__(self, model: nn.Module, adapter, batches: list[torch.Tensor], loss):
+
+class _Runner:
+    """Forward/backward over the whole model or from a layer's cached input.
+
+    ``home``: where the decoder layers' weights live; ``device``: where the probe computes. When they
+    differ, each layer (and the embedding, the head) is held on the device only while it runs
+    (:func:`gradprobe.pipeline.backward.held_on`); cached layer inputs stay on the host. With
+    ``streamed`` the model-loss gradients go through :class:`StreamedBackward` (one layer's autograd
+    graph at a time); without, through one graph of the whole model (or tail) on ``home``.
+    """
+
+    def __init__(self, model: nn.Module, adapter, batches: list[torch.Tensor], loss, device=None, streamed=True):
         self.model, self.adapter = model, adapter
         self.layers = adapter.decoder_layers(model)
+        self.home = next(self.layers[0].parameters()).device
+        self.device = self.home if device is None else _as_device(device)
+        self.moves = self.device != self.home
+        self.streamed = streamed
         self.batches = batches
         self.user_loss = loss
         self.loss = loss if loss is not None else _default_loss(model)
@@ -452,16 +490,40 @@ class _Runner:
         self.passes = 0
         self.progress = False  # a bar per gradient pass (model mode: the only long loop)
         self.changed: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (param, candidates, originals)
+        self.park: torch.device | None = None  # where |grad| statistics wait between a layer's backward passes
+        self.streamer = StreamedBackward(self.run_layer, self.hold_layer, self.hold_head)
+
+    def hold_layer(self, j: int):
+        """Context: decoder layer ``j`` on the device."""
+        return held_on(self.device, self.layers[j]) if self.moves else contextlib.nullcontext()
+
+    def hold_head(self):
+        """Context: the final norm and lm_head on the device."""
+        if not self.moves:
+            return contextlib.nullcontext()
+        return held_on(self.device, self.adapter.final_norm(self.model), self.adapter.lm_head(self.model))
 
     def layer_kwargs(self, j: int, hidden: torch.Tensor) -> dict:
-        key = (j, tuple(hidden.shape), hidden.dtype)
+        key = (j, tuple(hidden.shape), hidden.dtype, hidden.device)
         if key not in self._kwargs:
             with torch.no_grad():
                 self._kwargs[key] = self.adapter.layer_forward_kwargs(self.model, hidden, None, None, j)
         return self._kwargs[key]
 
     def run_layer(self, j: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``j`` on ``hidden`` (batch, seqlen, hidden); the layer must be where ``hidden`` is."""
         return self.adapter.layer_output(self.layers[j](hidden, **self.layer_kwargs(j, hidden)))
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input of decoder layer 0 (batch, seqlen, hidden) on the device, no grad."""
+        emb = self.adapter.embed(self.model)
+        with torch.no_grad(), (held_on(self.device, emb) if self.moves else contextlib.nullcontext()):
+            return emb(ids.to(self.device))
+
+    def head_loss(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The model's loss of the last decoder layer's output ``hidden`` (final norm, lm_head, loss)."""
+        x = self.adapter.final_norm(self.model)(hidden)
+        return self.loss(self.adapter.lm_head(self.model)(x), ids)
 
     def full_loss(self, ids: torch.Tensor) -> torch.Tensor:
         if self.user_loss is None:
@@ -477,11 +539,39 @@ class _Runner:
         x = hidden
         for j in range(start, len(self.layers)):
             x = self.run_layer(j, x)
-        x = self.adapter.final_norm(self.model)(x)
-        return self.loss(self.adapter.lm_head(self.model)(x), ids)
+        return self.head_loss(x, ids)
 
-    def grad_pass(self, params: Sequence[nn.Parameter], loss_of_batch: Callable[[int], torch.Tensor]) -> list[torch.Tensor]:
-        """max over batches of |dL/dp| for each of ``params`` (same dtype/shape), accumulated in a hook."""
+    # --- one batch's backward into the probed weights (the gradients arrive in grad_pass's hooks) ----
+    def model_backward(self, b: int, lowest: int = 0) -> None:
+        """Model mode: backward of the full model loss of batch ``b``; ``lowest`` = the lowest layer with
+        probed weights (the layers below it only run forward)."""
+        ids = self.batches[b]
+        if not self.streamed:
+            _backward(self.full_loss(ids))
+            return
+        h = self.embed(ids)
+        with torch.no_grad():
+            for j in range(lowest):
+                with self.hold_layer(j):
+                    h = self.run_layer(j, h)
+        self.streamer(h, lowest, len(self.layers), lambda x: self.head_loss(x, self.batches[b]))
+
+    def tail_backward(self, start: int, hidden: torch.Tensor, b: int) -> None:
+        """Layerwise mode: backward of the model loss of batch ``b`` run from layer ``start``'s input."""
+        hidden = hidden.to(self.device)
+        if self.streamed:
+            self.streamer(hidden, start, len(self.layers), lambda x: self.head_loss(x, self.batches[b]))
+        else:
+            _backward(self.tail_loss(start, hidden, self.batches[b]))
+
+    def block_backward(self, j: int, hidden: torch.Tensor) -> None:
+        """Regional mode: backward of ||layer_j(hidden)||^2 (layer j already on the device)."""
+        _backward(self.block_loss(j, hidden.to(self.device)))
+
+    def grad_pass(self, params: Sequence[nn.Parameter], backward_of_batch: Callable[[int], None]) -> list[torch.Tensor]:
+        """max over batches of |dL/dp| for each of ``params`` (same dtype/shape), accumulated in a hook;
+        ``backward_of_batch(i)`` runs batch i's backward. With ``park`` set the running max of a tensor
+        waits there between its layer's visits to the device (model mode, layers on the host)."""
         acc: dict[int, torch.Tensor] = {}
 
         def hook(p: torch.Tensor) -> None:
@@ -489,9 +579,11 @@ class _Runner:
             p.grad = None  # only this batch's gradient of this tensor is ever alive
             a = acc.get(id(p))
             if a is None:
-                acc[id(p)] = g.abs()
+                a = g.abs()
             else:
+                a = a.to(g.device)
                 torch.ops.gradprobe.probe_accumulate_(a, g)
+            acc[id(p)] = a if self.park is None else a.to(self.park)
 
         handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
         try:
@@ -500,10 +592,7 @@ class _Runner:
             desc = "probe G0" if self.passes % 2 == 0 else "probe G1"
             for i in tqdm(range(len(self.batches)), desc=desc, unit="batch", disable=not self.progress):
                 with torch.enable_grad():
-                    loss = loss_of_batch(i)
-                    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                        raise ValueError("loss must return a scalar (0-dim) tensor")
-                    loss.backward()
+                    backward_of_batch(i)
         finally:
             for h in handles:
                 h.remove()
@@ -514,6 +603,12 @@ class _Runner:
         if missing:
             raise RuntimeError(f"{len(missing)} probed tensors received no gradient; does the loss depend on them?")
         return [distributed.all_max_(acc[id(p)]) for p in params]  # the max over every rank's batches
+
+
+def _backward(loss: Any) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError("loss must return a scalar (0-dim) tensor")
+    loss.backward()
 
 
 @dataclass(frozen=True)
@@ -560,7 +655,7 @@ def _candidates(targets: Sequence[_Target], sparsity: float, method: str, scope:
     return list(zip(masks, plans, strict=True))
 
 
-def _probe_group(runner: _Runner, targets: Sequence[_Target], loss_of_batch,
+def _probe_group(runner: _Runner, targets: Sequence[_Target], backward_of_batch: Callable[[int], None],
                  cands: Callable[[], list[tuple[torch.Tensor, _Exact | None]]],
                  r: float, threshold: Threshold, n_max: int) -> dict[str, TensorProbe]:
     """G0 pass, candidates (``cands`` is called after G0, so norm hooks of that pass are complete),
@@ -569,7 +664,7 @@ def _probe_group(runner: _Runner, targets: Sequence[_Target], loss_of_batch,
     for p in params:
         p.requires_grad_(True)
     try:
-        g0 = runner.grad_pass(params, loss_of_batch)
+        g0 = runner.grad_pass(params, backward_of_batch)
         chosen = cands()
         masks = [m for m, _ in chosen]
         backups = []
@@ -581,7 +676,7 @@ def _probe_group(runner: _Runner, targets: Sequence[_Target], loss_of_batch,
                 p.data.masked_scatter_(m, b * r)
             g0c = [g[m].to(torch.float32) for g, m in zip(g0, masks, strict=True)]
             del g0
-        g1 = runner.grad_pass(params, loss_of_batch)
+        g1 = runner.grad_pass(params, backward_of_batch)
     finally:
         for p in params:
             p.requires_grad_(False)
@@ -638,7 +733,11 @@ def _probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spa
     for i, b in enumerate(batch_list):
         check_token_ids(b, getattr(model.config, "vocab_size", None), f"batches[{i}]")
     n_max = max(t.param.numel() for t in all_targets)
-    device = all_targets[0].param.device
+    home = all_targets[0].param.device
+    device = home if a["device"] is None else a["device"]
+    if not a["streamed"] and device != home:
+        raise ValueError(f"device={device}: streamed=False runs the whole model's autograd graph where the model is "
+                         f"({home}); pass device=None, or streamed=True to hold one layer at a time on {device}")
     if len(batch_list) < distributed.world_size():
         raise ValueError(f"batches: {len(batch_list)} batches for {distributed.world_size()} processes; give at least "
                          "one batch per process (torch.distributed rank)")
@@ -647,6 +746,21 @@ def _probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spa
     # target="exact": candidates at s' = candidate_sparsity, exactly floor(s * n) of them pruned
     exact = sparsity if a["target"] == "exact" else None
     cand_s = a["candidate_sparsity"] if exact is not None else sparsity
+    info = {"sparsity": sparsity, "method": method, "scope": scope, "order": order, "reduction_factor": r,
+            "target": a["target"], "candidate_sparsity": cand_s}
+    # the steps, in probe order: model mode is one step of every tensor; layerwise / regional one per layer
+    live = [i for i, g in enumerate(groups) if g]
+    seq = [-1] if mode == "model" else (live[::-1] if order == "reverse" else live)
+    steps = [all_targets] if mode == "model" else [groups[i] for i in seq]
+    resume = None
+    if a["resume_dir"] is not None:
+        identity = {"probe": {k: repr(v) for k, v in info.items()} | {"mode": mode, "threshold": repr(threshold),
+                    "layers": live, "loss": None if a["loss"] is None else getattr(a["loss"], "__qualname__", "?"),
+                    "norms": None if norms is None else _norms_digest(norms, all_targets)},
+                    "batches": [batches_digest(b.cpu()) for b in batch_list],
+                    "model_type": getattr(model.config, "model_type", None),
+                    "shapes": {t.name: list(t.param.shape) for t in all_targets}}
+        resume = _Resume(a["resume_dir"], identity, all_targets, sparsity)
 
     start = time.perf_counter()
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
@@ -655,30 +769,27 @@ def _probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spa
     model.eval()
     if use_cache is not None:
         model.config.use_cache = False
-    runner = _Runner(model, adapter, batch_list, a["loss"])
+    runner = _Runner(model, adapter, batch_list, a["loss"], device, a["streamed"])
     runner.progress = bool(a["progress"]) and mode == "model"
     tensors: dict[str, TensorProbe] = {}
+    restored: dict[str, torch.Tensor] = {}
     try:
         for p in model.parameters():
             p.requires_grad_(False)
+        done = resume.done(steps) if resume is not None else 0
+        info["resumed_layers"] = sorted({t.layer for st in steps[:done] for t in st})
         if mode == "model":
-            collector = _NormCollector(all_targets) if (method == "wanda" and norms is None) else None
-            got: dict[str, torch.Tensor] = {}
-
-            def cands():
-                nonlocal got
-                if collector is not None:
-                    got = collector.remove()
-                return _candidates(all_targets, cand_s, method, scope, norms if norms is not None else got, exact)
-
-            try:
-                tensors = _probe_group(runner, all_targets, lambda i: runner.full_loss(batch_list[i]), cands, r, threshold, n_max)
-            finally:
-                if collector is not None:
-                    collector.close()
+            if done:
+                restored = resume.restore(steps, runner)
+            else:
+                tensors = _probe_model(runner, all_targets, live, cand_s, method, scope, norms, r, threshold, n_max,
+                                       exact)
+                if resume is not None:
+                    resume.save(0, all_targets, {n: t.mask for n, t in tensors.items()}, time.perf_counter() - start)
         else:
-            tensors = _probe_layerwise(runner, groups, batch_list, cand_s, method, scope, order, norms, r, threshold,
-                                       n_max, a["progress"], exact=exact, regional=mode == "regional")
+            tensors, restored = _probe_layerwise(runner, groups, seq, done, batch_list, cand_s, method, scope, order,
+                                                 norms, r, threshold, n_max, a["progress"], exact=exact,
+                                                 regional=mode == "regional", resume=resume)
     except BaseException:  # any error or interrupt: the model gets back every value the run changed
         _undo(runner)
         raise
@@ -688,32 +799,115 @@ def _probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spa
         model.train(was_training)
         if use_cache is not None:
             model.config.use_cache = use_cache
-    return ProbeResult(tensors, threshold, mode, time.perf_counter() - start, runner.passes,
-                       {"sparsity": sparsity, "method": method, "scope": scope, "order": order, "reduction_factor": r,
-                        "target": a["target"], "candidate_sparsity": cand_s})
+    return ProbeResult(tensors, threshold, mode, time.perf_counter() - start, runner.passes, info, restored)
+
+
+def _probe_model(runner: _Runner, all_targets, live, cand_s, method, scope, norms, r, threshold, n_max, exact):
+    """Model mode: one G0 and one G1 pass of the full model loss for every probed tensor. Streamed with
+    the layers away from the device: the running |grad| maxima wait on the host between batches."""
+    collector = (_Norms(all_targets, runner.device, lambda: not runner.streamer.recomputing)
+                 if (method == "wanda" and norms is None) else None)
+    got: dict[str, torch.Tensor] = {}
+
+    def cands():
+        nonlocal got
+        if collector is not None:
+            got = collector.remove()
+        return _candidates(all_targets, cand_s, method, scope, norms if norms is not None else got, exact)
+
+    if runner.moves:
+        runner.park = runner.home
+    try:
+        return _probe_group(runner, all_targets, lambda b: runner.model_backward(b, min(live)), cands, r, threshold,
+                            n_max)
+    finally:
+        runner.park = None
+        if collector is not None:
+            collector.close()
+
+
+def _norms_digest(norms: Mapping[str, torch.Tensor], targets: Sequence[_Target]) -> str:
+    from gradprobe._checkpoint import tensors_digest
+
+    return tensors_digest({t.name: norms[t.name].detach().to("cpu", torch.float32) for t in targets})
+
+
+class _Resume:
+    """The probe's resume checkpoint (:class:`gradprobe._checkpoint.ResumeState`): step ``pos`` of the probe
+    order (one decoder layer; model mode: one step of every tensor) saved as its pruned weights and masks.
+
+    A rerun with the same identity restores the longest verified prefix of steps; the model it is given
+    must be the dense one the checkpoint was started on (per-tensor checksums).
+    """
+
+    def __init__(self, directory, identity: dict, targets: Sequence[_Target], sparsity: float):
+        from gradprobe._checkpoint import ResumeState, sample_checksum
+
+        checksums = {t.name: sample_checksum(t.param) for t in targets}
+        self.state = ResumeState(directory, identity, checksums)
+        self.sparsity = sparsity
+        saved = self.state.state["checksums"]
+        bad = [n for n, c in checksums.items() if saved.get(n) != c]
+        if bad:
+            raise ValueError(f"resume_dir {str(directory)!r}: the weights of {bad[:3]} differ from the dense model "
+                             "the checkpoint was started on; pass that (unpruned) model, or a new resume_dir")
+
+    def done(self, steps: Sequence[Sequence[_Target]]) -> int:
+        """How many leading steps are finished with a checkpoint that verifies."""
+        n = 0
+        while n < len(steps) and self.state.finished(n):
+            n += 1
+        return n
+
+    def restore(self, steps: Sequence[Sequence[_Target]], runner: _Runner) -> dict[str, torch.Tensor]:
+        """Copy the pruned weights of ``steps`` (finished ones) into the model; returns their masks.
+        The dense values they replace go to ``runner.changed`` (undone on an error)."""
+        masks: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for pos, targets in enumerate(steps):
+                if not self.state.finished(pos):
+                    raise ValueError(f"resume_dir {str(self.state.dir)!r}: step {pos} has no verified checkpoint")
+                saved = self.state.tensors("layer", pos)
+                for t in targets:
+                    m = saved[t.name + ".mask"].to(t.param.device)
+                    runner.changed.append((t.param, m, t.param.data[m]))
+                    t.param.data.copy_(saved[t.name])
+                    masks[t.name] = m
+        return masks
+
+    def save(self, pos: int, targets: Sequence[_Target], masks: Mapping[str, torch.Tensor], seconds: float) -> None:
+        """Checkpoint step ``pos``: the pruned weights (as they are in the model now) and masks."""
+        from gradprobe.report import TensorRow
+
+        tensors, rows = {}, []
+        for t in targets:
+            tensors[t.name] = t.param.data
+            tensors[t.name + ".mask"] = masks[t.name]
+            rows.append(TensorRow(layer=t.layer, name=t.name, shape=tuple(t.param.shape), numel=t.param.numel(),
+                                  pruned=int(masks[t.name].sum()), target=self.sparsity, seconds=seconds))
+        self.state.mark("layer", pos, tensors, rows, seconds)
 
 
 def _capture_inputs(runner: _Runner, batch_list, layer_ids: set[int], collect_norms_for: Sequence[_Target]):
-    """One no-grad pass of the model: inputs of the decoder layers in ``layer_ids`` per batch, and
-    (optionally) Wanda norms of ``collect_norms_for``."""
-    store: dict[int, list[torch.Tensor]] = {i: [] for i in layer_ids}
-
-    def pre_hook(i):
-        def hook(mod, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            store[i].append(h.detach())
-
-        return hook
-
-    handles = [runner.layers[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i in layer_ids]
-    collector = _NormCollector(collect_norms_for) if collect_norms_for else None
+    """One no-grad pass of the embedding and the decoder layers (each held on the device once, for all
+    batches): the inputs of the decoder layers in ``layer_ids`` per batch (on the host when the layers
+    live there), and (optionally) the Wanda norms of ``collect_norms_for``."""
+    last = max(layer_ids, default=-1)
+    if collect_norms_for:
+        last = max(last, max(t.layer for t in collect_norms_for) + 1)  # run the last such layer itself
+    store: dict[int, list[torch.Tensor]] = {}
+    collector = _Norms(collect_norms_for, runner.device) if collect_norms_for else None
     try:
         with torch.no_grad():
-            for b in batch_list:
-                runner.model(input_ids=b, use_cache=False)
+            hs = [runner.embed(b) for b in batch_list]
+            for j in range(last + 1):
+                if j in layer_ids:
+                    store[j] = [h.to(runner.home) for h in hs]
+                if j == last:
+                    break
+                with runner.hold_layer(j):
+                    hs = [runner.run_layer(j, h) for h in hs]
     finally:
-        for h in handles:
-            h.remove()
         if collector is not None:
             collector.close()
     return store, collector.remove() if collector is not None else {}
@@ -723,21 +917,36 @@ def _undo(runner: _Runner) -> None:
     """Put every candidate the run changed back to its original value (newest first)."""
     with torch.no_grad():
         for p, m, b in reversed(runner.changed):
-            p.data.masked_scatter_(m, b)
+            p.data.masked_scatter_(m.to(p.device), b.to(p.device))
     runner.changed.clear()
 
 
-def _probe_layerwise(runner, groups, batch_list, sparsity, method, scope, order, norms, r, threshold, n_max, progress,
-                     exact=None, regional=False):
+def _to_home(tp: TensorProbe) -> TensorProbe:
+    """The cached probe state moved to where its weight lives (after its layer left the device)."""
+    dev = tp.param.device
+    for f in ("candidates", "backup", "g0", "g1", "mask", "score"):
+        v = getattr(tp, f)
+        if v is not None:
+            setattr(tp, f, v.to(dev))
+    return tp
+
+
+def _probe_layerwise(runner, groups, seq, done, batch_list, sparsity, method, scope, order, norms, r, threshold, n_max,
+                     progress, exact=None, regional=False, resume=None):
+    """Layerwise / regional: the layers of ``seq`` in order, the first ``done`` already restored; each one
+    is held on the device for its probe, then checkpointed (``resume``)."""
     from tqdm.auto import tqdm
 
-    live = [i for i, g in enumerate(groups) if g]
-    seq = live[::-1] if order == "reverse" else live
     all_targets = [t for g in groups for t in g]
     need_dense_norms = method == "wanda" and norms is None and scope == "global"
+    todo = seq[done:]
+    steps = [groups[i] for i in seq]
+    if not todo:
+        return {}, resume.restore(steps, runner)
     # reverse: every probed layer's input is the dense model's (earlier layers unchanged) -> one pass;
     # forward: only the first layer's input; later ones are propagated through the pruned layers.
-    capture_ids = set(live) if order == "reverse" else {seq[0]}
+    # Both passes, and the global candidates, see the dense model: restored layers come back after them.
+    capture_ids = set(todo) if order == "reverse" else {seq[0]}
     inputs, dense_norms = _capture_inputs(runner, batch_list, capture_ids, all_targets if need_dense_norms else [])
     global_cands = None
     if scope == "global":
@@ -745,38 +954,58 @@ def _probe_layerwise(runner, groups, batch_list, sparsity, method, scope, order,
                                 _candidates(all_targets, sparsity, method, scope, norms if norms is not None else dense_norms,
                                             exact),
                                 strict=True))
+    restored = resume.restore(steps[:done], runner) if done else {}
+    if order == "forward" and done:  # through the restored layers: the forwards of the uninterrupted run
+        h = inputs.pop(seq[0])
+        with torch.no_grad():
+            for j in range(seq[0], todo[0]):
+                with runner.hold_layer(j):
+                    h = [runner.run_layer(j, x.to(runner.device)).to(runner.home) for x in h]
+        inputs[todo[0]] = h
     tensors: dict[str, TensorProbe] = {}
-    for pos, i in enumerate(tqdm(seq, desc="probe", disable=not progress)):
+    bar = tqdm(seq, desc="probe", disable=not progress, initial=done, total=len(seq))
+    for pos, i in zip(range(done, len(seq)), todo, strict=True):
+        t0 = time.perf_counter()
         targets = groups[i]
         hidden = inputs.pop(i)
-        collector = _NormCollector(targets) if (method == "wanda" and norms is None and scope != "global") else None
+        collector = None
+        if method == "wanda" and norms is None and scope != "global":
+            collector = _Norms(targets, runner.device, lambda: not runner.streamer.recomputing)
 
         def cands(targets=targets, collector=collector):
             if global_cands is not None:
-                return [global_cands[t.name] for t in targets]
+                return [(m.to(runner.device), None if e is None else _Exact(e.count, e.per_row, e.score.to(runner.device)))
+                        for m, e in (global_cands[t.name] for t in targets)]
             got = collector.remove() if collector is not None else {}
             return _candidates(targets, sparsity, method, scope, norms if norms is not None else got, exact)
 
         if regional:
-            def loss_of_batch(b, i=i, hidden=hidden):
-                return runner.block_loss(i, hidden[b])
+            def backward_of_batch(b, i=i, hidden=hidden):
+                runner.block_backward(i, hidden[b])
         else:
-            def loss_of_batch(b, i=i, hidden=hidden):
-                return runner.tail_loss(i, hidden[b], batch_list[b])
+            def backward_of_batch(b, i=i, hidden=hidden):
+                runner.tail_backward(i, hidden[b], b)
         try:
-            tensors.update(_probe_group(runner, targets, loss_of_batch, cands, r, threshold, n_max))
+            with runner.hold_layer(i):
+                got = _probe_group(runner, targets, backward_of_batch, cands, r, threshold, n_max)
         finally:
             if collector is not None:
                 collector.close()
+        tensors.update({n: _to_home(tp) for n, tp in got.items()})
+        if resume is not None:
+            resume.save(pos, targets, {t.name: tensors[t.name].mask for t in targets}, time.perf_counter() - t0)
         if order == "forward" and pos + 1 < len(seq):
             nxt = seq[pos + 1]
             with torch.no_grad():
                 h = hidden
                 for j in range(i, nxt):
-                    h = [runner.run_layer(j, x) for x in h]
+                    with runner.hold_layer(j):
+                        h = [runner.run_layer(j, x.to(runner.device)).to(runner.home) for x in h]
             inputs[nxt] = h
         del hidden
-    return tensors
+        bar.update(1)
+    bar.close()
+    return tensors, restored
 
 
 def probe_prune_(
@@ -797,6 +1026,9 @@ def probe_prune_(
     structure: str | None = None,
     layers: Sequence[int] | None = None,
     progress: bool = False,
+    device: torch.device | str | None = None,
+    streamed: bool = True,
+    resume_dir: str | os.PathLike | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prune the decoder linears of ``model`` in place with the gradient probe (module docstring).
 
@@ -826,6 +1058,18 @@ def probe_prune_(
         structure: must be None / "unstructured" (N:M raises ValueError, see the module docstring).
         layers: probe only these decoder layer indices (default all).
         progress: tqdm bar over layers.
+        device: where the probe computes (default: where the decoder layers are). When the model lives
+            elsewhere (e.g. on the host), each decoder layer, the embedding and the head visit the device
+            only while they run; cached layer inputs and (model mode) the |grad| statistics wait on the host.
+        streamed: model-loss gradients (``mode="model"``, ``"layerwise"``) by a streamed forward/backward,
+            one decoder layer's autograd graph at a time (:mod:`gradprobe.pipeline.backward`; same
+            gradients as the whole graph, bit for bit on the CPU; peak memory about one layer + the
+            boundary activations of one batch + the head). False: one graph of the whole model (or tail),
+            which needs ``device`` None or the model's device.
+        resume_dir: checkpoint directory: each finished step (a decoder layer in layerwise / regional
+            mode, the whole probe in model mode) is saved there (pruned weights and masks, checksummed),
+            and a rerun with the same arguments on the same dense model restores the finished steps and
+            continues; the result equals an uninterrupted run's.
 
     Returns:
         {parameter name: bool mask of the weight's shape, True = pruned}.
@@ -857,6 +1101,16 @@ def _probe_arguments(model, batches, sparsity, options: Mapping[str, Any]) -> di
             if not isinstance(v, torch.Tensor):
                 raise TypeError(f"norms[{k!r}] must be a (in_features,) float32 tensor, got {type(v).__name__}")
     a["candidate_sparsity"] = _check_target(a["target"], a["candidate_sparsity"], a["sparsity"])
+    if a["device"] is not None:
+        try:
+            a["device"] = _as_device(a["device"])
+        except (RuntimeError, TypeError, AssertionError) as exc:
+            raise ValueError(f"device must be None or a torch device such as 'cpu' or 'cuda:0', got {a['device']!r} "
+                             f"({exc})") from None
+    if not isinstance(a["streamed"], bool):
+        raise TypeError(f"streamed must be True or False, got {type(a['streamed']).__name__}")
+    if a["resume_dir"] is not None and not isinstance(a["resume_dir"], (str, os.PathLike)):
+        raise TypeError(f"resume_dir must be None or a directory path, got {type(a['resume_dir']).__name__}")
     return a
 
 
