@@ -13,7 +13,7 @@
 // Validation is fused: blocks only raise a flag; if any is set, the first bad group is then found exactly.
 // Outputs are fresh tensors (asked for huge pages), so nothing the caller owns changes on error.
 // AVX2 is picked at run time; GRADPROBE_CPP_DISABLE_AVX2=1 (read on every call) forces the portable path.
-// With CUDA (GRADPROBE_WITH_CUDA) the same ops are registered for CUDA tensors, calling pack_24.cu.
+// Argument checks: pack_24_args.h (shared with the CUDA wrappers, pack_24_cuda.cpp, over pack_24.cu).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -28,12 +28,7 @@
 #include "checks.h"
 #include "cpu_util.h"
 #include "pack_24.h"
-
-#ifdef GRADPROBE_WITH_CUDA
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
-
+#include "pack_24_args.h"
 
 namespace gradprobe {
 namespace {
@@ -294,79 +289,6 @@ PassResult for_row_blocks(int64_t rows, int64_t row_bytes, F&& f) {
   return {bad, amax};
 }
 
-// ---- argument checks ------------------------------------------------------------------------------
-
-bool is_pack_dtype(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat; }
-
-int64_t cutlass_col_multiple(at::ScalarType t) { return t == at::kFloat ? 16 : 32; }
-
-void check_pack_weight(const at::Tensor& w, const std::string& fmt) {
-  TORCH_CHECK_VALUE(w.dim() == 2, "pack_24(", fmt, "): weight must be 2-D (rows, cols), got shape ", w.sizes());
-  TORCH_CHECK_TYPE(is_pack_dtype(w.scalar_type()), "pack_24(", fmt, "): weight must be float16, bfloat16 or float32, got ",
-                   w.scalar_type());
-  const int64_t rows = w.size(0), cols = w.size(1);
-  if (fmt == "cutlass") {
-    const int64_t mult = cutlass_col_multiple(w.scalar_type());
-    TORCH_CHECK_VALUE(rows % 32 == 0 && cols % mult == 0, "pack_24(cutlass): the CUTLASS layout of ", w.scalar_type(),
-                      " needs rows % 32 == 0 and cols % ", mult,
-                      " == 0 (metadata is interleaved in pairs of int16 columns), got shape (", rows, ", ", cols,
-                      "); pad the weight or use format=\"bitmask\"");
-  } else {
-    TORCH_CHECK_VALUE(cols % 4 == 0, "pack_24(bitmask): the sparse-24-bitmask layout needs cols % 4 == 0, got shape (",
-                      rows, ", ", cols, ")");
-  }
-}
-
-[[noreturn]] void raise_nonfinite_scores() {
-  TORCH_CHECK_VALUE(false,
-                    "scores contains NaN or Inf; pruning needs finite weights: fix the overflow upstream or replace "
-                    "them with torch.nan_to_num");
-}
-
-// Validated, contiguous fp32 scores (or an undefined tensor when absent). check_finite=false: the
-// caller's pass detects non-finite scores itself.
-at::Tensor checked_scores(const std::optional<at::Tensor>& scores, const at::Tensor& w, const std::string& fmt,
-                          bool check_finite) {
-  if (!scores.has_value() || !scores->defined()) return at::Tensor();
-  TORCH_CHECK_VALUE(!(fmt == "cutlass" && w.scalar_type() == at::kFloat),
-                    "pack_24(cutlass) with scores: the float32 CUTLASS layout is 1:2 (tf32), not 2:4; prune to 1:2 "
-                    "first and pack without scores, or convert the weight to float16/bfloat16");
-  const at::Tensor& s = *scores;
-  TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "scores must be float32, got ", s.scalar_type(), "; pass scores.float()");
-  TORCH_CHECK_VALUE(s.sizes() == w.sizes(), "scores must have weight's shape ", w.sizes(), ", got ", s.sizes());
-  TORCH_CHECK_VALUE(s.device() == w.device(), "scores is on ", s.device(), " but weight on ", w.device(),
-                    "; move both to one device");
-  at::Tensor c = s.contiguous();
-  if (check_finite && !at::isfinite(c).all().item<bool>()) raise_nonfinite_scores();
-  return c;
-}
-
-// The checked inputs of a pack op: contiguous weight, contiguous fp32 scores or undefined.
-struct PackIn {
-  at::Tensor w, s;
-  int64_t rows, cols;
-  const float* sp() const { return s.defined() ? s.const_data_ptr<float>() : nullptr; }
-};
-
-PackIn prepare_pack(const at::Tensor& weight, const std::optional<at::Tensor>& scores, const std::string& fmt,
-                    bool check_finite) {
-  check_pack_weight(weight, fmt);
-  at::Tensor s = checked_scores(scores, weight, fmt, check_finite);
-  at::Tensor w = weight.contiguous();
-  return {w, s, w.size(0), w.size(1)};
-}
-
-[[noreturn]] void raise_not_sparse(const at::Tensor& w, int64_t flat_group, int64_t per, const std::string& fmt) {
-  const int64_t groups = w.size(1) / per;
-  const int64_t r = flat_group / groups, g = flat_group % groups;
-  const int64_t nnz = (w[r].slice(0, g * per, g * per + per) != 0).sum().item<int64_t>();
-  const std::string what = per == 2 ? "1:2 (the float32 CUTLASS layout)" : "2:4";
-  TORCH_CHECK_VALUE(false, "pack_24(", fmt, "): weight is not ", what, " sparse: group at row ", r, ", columns ",
-                    g * per, "..", g * per + per - 1, " has ", nnz, " nonzeros (at most ", per / 2,
-                    " allowed); prune it first (gradprobe.prune_(w, None, structure=\"2:4\")) or pass scores= to "
-                    "select the mask while packing");
-}
-
 // Raises for the pass's outcome: non-finite scores, else the first group (row-major) with too many nonzeros.
 void raise_pack_errors(const PassResult& res, const at::Tensor& w, int64_t per, const std::string& fmt) {
   if (res.amax >= kFiniteLimit) raise_nonfinite_scores();
@@ -510,29 +432,6 @@ std::tuple<at::Tensor, at::Tensor> pack_24_cutlass(const at::Tensor& weight, con
   }
   raise_pack_errors(res, in.w, f32 ? 2 : 4, "cutlass");
   return {packed, meta};
-}
-
-void check_cutlass_meta(const at::Tensor& packed, const at::Tensor& meta) {
-  TORCH_CHECK_VALUE(packed.dim() == 2 && meta.dim() == 2, "unpack_24(cutlass): packed and meta must be 2-D, got ",
-                    packed.sizes(), ", ", meta.sizes());
-  TORCH_CHECK_TYPE(is_pack_dtype(packed.scalar_type()), "unpack_24(cutlass): packed must be float16, bfloat16 or float32, got ",
-                   packed.scalar_type());
-  TORCH_CHECK_TYPE(meta.scalar_type() == at::kShort, "unpack_24(cutlass): meta must be int16 (as pack_24 returns it), got ",
-                   meta.scalar_type());
-  TORCH_CHECK_VALUE(meta.device() == packed.device(), "unpack_24(cutlass): meta is on ", meta.device(), " but packed on ",
-                    packed.device());
-  const int64_t rows = packed.size(0), half = packed.size(1);
-  const int64_t per = packed.scalar_type() == at::kFloat ? 4 : 8;
-  TORCH_CHECK_VALUE(rows % 32 == 0 && half % (2 * per) == 0 && meta.size(0) == rows && meta.size(1) == half / per,
-                    "unpack_24(cutlass): packed (rows, cols/2) needs rows % 32 == 0, cols % ", 4 * per,
-                    " == 0 and meta of shape (rows, cols/", 2 * per, ") = (", rows, ", ", half / per, "); got packed ",
-                    packed.sizes(), ", meta ", meta.sizes());
-}
-
-[[noreturn]] void raise_bad_meta(int64_t flat_group, int64_t groups, int64_t per) {
-  const int64_t r = flat_group / groups, g = flat_group % groups;
-  TORCH_CHECK_VALUE(false, "unpack_24(cutlass): meta is not valid CUTLASS 2:4 metadata: group at row ", r, ", columns ",
-                    g * per, "..", g * per + per - 1, " encodes an impossible index pair; pass the meta pack_24 returned");
 }
 
 // The first group (row-major) whose metadata nibble is invalid; kNoBad if none.
@@ -735,20 +634,6 @@ std::tuple<at::Tensor, at::Tensor> pack_24_bitmask(const at::Tensor& weight, con
   return {values, bitmask};
 }
 
-void check_bitmask_args(const at::Tensor& values, const at::Tensor& bitmask, int64_t cols) {
-  TORCH_CHECK_TYPE(values.dim() == 2 && is_pack_dtype(values.scalar_type()),
-                   "unpack_24(bitmask): values must be 2-D float16/bfloat16/float32, got ", values.scalar_type(), " ",
-                   values.sizes());
-  const int64_t rows = values.size(0);
-  TORCH_CHECK_VALUE(bitmask.scalar_type() == at::kByte && cols % 4 == 0 && bitmask.dim() == 2 && bitmask.size(0) == rows &&
-                        bitmask.size(1) == (cols + 7) / 8 && values.size(1) * 2 == cols,
-                    "unpack_24(bitmask): for shape (", rows, ", ", cols, ") (cols % 4 == 0) values must be (", rows, ", ",
-                    cols / 2, ") and bitmask (", rows, ", ", (cols + 7) / 8, ") uint8; got values ", values.sizes(),
-                    ", bitmask ", bitmask.sizes(), " ", bitmask.scalar_type());
-  TORCH_CHECK_VALUE(bitmask.device() == values.device(), "unpack_24(bitmask): bitmask is on ", bitmask.device(),
-                    " but values on ", values.device());
-}
-
 GP_INLINE uint32_t keep_bits(const uint8_t* br, int64_t g) { return (static_cast<uint32_t>(br[g / 2]) >> (4 * (g % 2))) & 0xFu; }
 
 // Groups g0..groups-1 of one row, one at a time (any element width).
@@ -803,15 +688,6 @@ GP_TARGET_AVX2 void unpack_bitmask16_rows_avx2(const uint16_t* values, const uin
 }
 #endif
 
-[[noreturn]] void raise_bad_bitmask(const at::Tensor& bitmask, int64_t flat_group, int64_t groups) {
-  const int64_t r = flat_group / groups, g = flat_group % groups;
-  const int64_t byte = bitmask[r][g / 2].item<int64_t>();
-  const int64_t bits = (byte >> (4 * (g % 2))) & 0xF;
-  TORCH_CHECK_VALUE(false, "unpack_24(bitmask): bitmask group at row ", r, ", columns ", 4 * g, "..", 4 * g + 3, " has ",
-                    popcount4(static_cast<uint32_t>(bits)),
-                    " bits set; the sparse-24-bitmask layout keeps exactly 2 of every 4");
-}
-
 // The first group (row-major) whose bitmask nibble does not have exactly 2 bits; kNoBad if none.
 int64_t first_bad_bitmask(const uint8_t* bitmask, int64_t rows, int64_t cols) {
   const int64_t groups = cols / 4, nbytes = (cols + 7) / 8;
@@ -848,77 +724,6 @@ at::Tensor unpack_24_bitmask(const at::Tensor& values_in, const at::Tensor& bitm
   return dense;
 }
 
-#ifdef GRADPROBE_WITH_CUDA
-// ---- CUDA tensors: thin wrappers over the pack_24.cu launchers ---------------------------------------
-
-int64_t read_bad(const at::Tensor& flag) { return flag.item<int64_t>(); }
-
-void check_launch(int err) { TORCH_CHECK(err == 0, "gradprobe 2:4 CUDA kernel launch failed (cudaError ", err, ")"); }
-
-std::tuple<at::Tensor, at::Tensor> pack_24_cutlass_cuda(const at::Tensor& weight, const std::optional<at::Tensor>& scores) {
-  c10::cuda::CUDAGuard guard(weight.device());
-  const PackIn in = prepare_pack(weight, scores, "cutlass", true);
-  const at::Tensor& w = in.w;
-  const int64_t rows = in.rows, cols = in.cols;
-  const bool f32 = w.scalar_type() == at::kFloat;
-  at::Tensor packed = at::empty({rows, cols / 2}, w.options());
-  at::Tensor meta = at::empty({rows, cols / (f32 ? 8 : 16)}, w.options().dtype(at::kShort));
-  at::Tensor flag = at::full({1}, kNoBad, w.options().dtype(at::kLong));
-  check_launch(cuda::pack_24_cutlass(w.const_data_ptr(), in.sp(), packed.data_ptr(),
-                                     meta.data_ptr<int16_t>(), rows, cols, f32 ? 4 : 2, flag.data_ptr<int64_t>(),
-                                     c10::cuda::getCurrentCUDAStream().stream()));
-  const int64_t bad = read_bad(flag);
-  if (bad != kNoBad) raise_not_sparse(w, bad, f32 ? 2 : 4, "cutlass");
-  return {packed, meta};
-}
-
-at::Tensor unpack_24_cutlass_cuda(const at::Tensor& packed_in, const at::Tensor& meta_in) {
-  check_cutlass_meta(packed_in, meta_in);
-  c10::cuda::CUDAGuard guard(packed_in.device());
-  const at::Tensor packed = packed_in.contiguous(), meta = meta_in.contiguous();
-  const int64_t rows = packed.size(0), cols = packed.size(1) * 2;
-  const bool f32 = packed.scalar_type() == at::kFloat;
-  at::Tensor dense = at::empty({rows, cols}, packed.options());
-  at::Tensor flag = at::full({1}, kNoBad, packed.options().dtype(at::kLong));
-  check_launch(cuda::unpack_24_cutlass(packed.const_data_ptr(), meta.const_data_ptr<int16_t>(), dense.data_ptr(), rows, cols,
-                                       f32 ? 4 : 2, flag.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream().stream()));
-  const int64_t bad = read_bad(flag);
-  if (bad != kNoBad) raise_bad_meta(bad, f32 ? cols / 2 : cols / 4, f32 ? 2 : 4);
-  return dense;
-}
-
-std::tuple<at::Tensor, at::Tensor> pack_24_bitmask_cuda(const at::Tensor& weight, const std::optional<at::Tensor>& scores) {
-  c10::cuda::CUDAGuard guard(weight.device());
-  const PackIn in = prepare_pack(weight, scores, "bitmask", true);
-  const at::Tensor& w = in.w;
-  const int64_t rows = in.rows, cols = in.cols;
-  at::Tensor values = at::empty({rows, cols / 2}, w.options());
-  at::Tensor bitmask = at::empty({rows, (cols + 7) / 8}, w.options().dtype(at::kByte));
-  at::Tensor flag = at::full({1}, kNoBad, w.options().dtype(at::kLong));
-  check_launch(cuda::pack_24_bitmask(w.const_data_ptr(), in.sp(), values.data_ptr(),
-                                     bitmask.data_ptr<uint8_t>(), rows, cols, static_cast<int>(w.element_size()),
-                                     flag.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream().stream()));
-  const int64_t bad = read_bad(flag);
-  if (bad != kNoBad) raise_not_sparse(w, bad, 4, "bitmask");
-  return {values, bitmask};
-}
-
-at::Tensor unpack_24_bitmask_cuda(const at::Tensor& values_in, const at::Tensor& bitmask_in, int64_t cols) {
-  check_bitmask_args(values_in, bitmask_in, cols);
-  c10::cuda::CUDAGuard guard(values_in.device());
-  const at::Tensor values = values_in.contiguous(), bitmask = bitmask_in.contiguous();
-  const int64_t rows = values.size(0);
-  at::Tensor dense = at::empty({rows, cols}, values.options());
-  at::Tensor flag = at::full({1}, kNoBad, values.options().dtype(at::kLong));
-  check_launch(cuda::unpack_24_bitmask(values.const_data_ptr(), bitmask.const_data_ptr<uint8_t>(), dense.data_ptr(), rows, cols,
-                                       static_cast<int>(values.element_size()), flag.data_ptr<int64_t>(),
-                                       c10::cuda::getCurrentCUDAStream().stream()));
-  const int64_t bad = read_bad(flag);
-  if (bad != kNoBad) raise_bad_bitmask(bitmask, bad, cols / 4);
-  return dense;
-}
-#endif  // GRADPROBE_WITH_CUDA
-
 }  // namespace
 }  // namespace gradprobe
 
@@ -936,11 +741,3 @@ TORCH_LIBRARY_IMPL(gradprobe_cpp, CPU, m) {
   m.impl("unpack_24_bitmask", &gradprobe::unpack_24_bitmask);
 }
 
-#ifdef GRADPROBE_WITH_CUDA
-TORCH_LIBRARY_IMPL(gradprobe_cpp, CUDA, m) {
-  m.impl("pack_24_cutlass", &gradprobe::pack_24_cutlass_cuda);
-  m.impl("unpack_24_cutlass", &gradprobe::unpack_24_cutlass_cuda);
-  m.impl("pack_24_bitmask", &gradprobe::pack_24_bitmask_cuda);
-  m.impl("unpack_24_bitmask", &gradprobe::unpack_24_bitmask_cuda);
-}
-#endif

@@ -1,5 +1,5 @@
 // 2:4 packer, CUDA kernels behind the plain launchers declared in pack_24.h (no torch headers: the
-// host side lives in pack_24.cpp under GRADPROBE_WITH_CUDA). Same layouts and tables as the CPU ops;
+// host side lives in pack_24_cuda.cpp under GRADPROBE_WITH_CUDA). Same layouts and tables as the CPU ops;
 // one thread per int16 of CUTLASS metadata (16 or 8 dense columns) or per bitmask byte / group.
 #include <cuda_runtime.h>
 

@@ -1,5 +1,6 @@
-// 2:4 packing: layout arithmetic shared by the CPU ops (pack_24.cpp) and the CUDA kernels (pack_24.cu),
-// and the plain launcher functions pack_24.cu exports. No torch headers: pack_24.cu compiles standalone.
+// 2:4 packing: layout arithmetic shared by the CPU ops (pack_24.cpp, pack_24_args.h) and the CUDA kernels
+// (pack_24.cu, host wrappers in pack_24_cuda.cpp), and the plain launcher functions pack_24.cu exports.
+// No torch headers: pack_24.cu compiles standalone.
 //
 // Layouts (see gradprobe/ops/_schemas.py): a group is 4 consecutive elements of a row (a pair for the
 // fp32 CUTLASS layout). Elements are handled as raw bits (uint16 for fp16/bf16, uint32 for fp32):
