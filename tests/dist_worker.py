@@ -107,7 +107,7 @@ def _global_split():
 
     g = torch.Generator().manual_seed(5)
     ws = [torch.randint(-3, 4, (33, 17), generator=g).float(), (torch.randn(9, 40, generator=g) * 3).round().bfloat16(),
-          torch.randn(1, 7, generator=g), torch.randint(-3, 4, (20, 20), generator=g).half()]
+          torch.randn(1, 7, generator=g) * 30, torch.randint(-3, 4, (20, 20), generator=g).half()]
     ns = [torch.randint(0, 3, (w.shape[1],), generator=g).float() for w in ws]
     a, b = distributed.sample_range(len(ws))
     sel = select_global(lambda: ((j, ws[j], ns[j]) for j in range(a, b)), [w.numel() for w in ws], 0.55, split=True)
