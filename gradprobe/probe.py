@@ -1080,14 +1080,15 @@ def probe_prune_(
     return probe(**locals()).masks  # locals() here: exactly the arguments
 
 
-probe.__signature__ = inspect.signature(probe_prune_).replace(return_annotation="ProbeResult")
+_SIGNATURE = inspect.signature(probe_prune_)  # bound by probe(): the arguments, whoever replaces the name
+probe.__signature__ = _SIGNATURE.replace(return_annotation="ProbeResult")
 
 
 def _probe_arguments(model, batches, sparsity, options: Mapping[str, Any]) -> dict[str, Any]:
     """:func:`probe_prune_`'s arguments by name with defaults filled in, checked before the model is
     touched: sparsity, reduction_factor (float) and gradient_threshold normalised, batches as a list."""
     try:
-        bound = inspect.signature(probe_prune_).bind(model, batches, sparsity, **options)
+        bound = _SIGNATURE.bind(model, batches, sparsity, **options)
     except TypeError as exc:
         raise TypeError(f"{exc} (the probe takes the arguments of gradprobe.probe_prune_)") from None
     bound.apply_defaults()
