@@ -1,5 +1,8 @@
 """Command line: ``gradprobe prune``, ``gradprobe eval``, ``gradprobe env``.
 
+This module parses the options; each command turns them into a typed job and runs it
+(:class:`gradprobe.jobs.PruneJob` / :class:`gradprobe.jobs.EvalJob`, :func:`gradprobe.jobs.run_prune_job`).
+
 ``gradprobe prune --out DIR`` with no ``--model`` prunes the embedded SmolLM2-135M-Instruct at 50%
 Wanda (calibration 32 x 256 tokens of the embedded Wikipedia extract; evaluation 16 windows of 256
 tokens of the embedded news text) and prints dense and pruned perplexity, in under 3 minutes on 2 CPU
@@ -15,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 from gradprobe.jobs import EMBEDDED_DEFAULTS, MODEL_DEFAULTS, RUN_JSON, UsageError  # noqa: F401  (re-exported)
@@ -92,37 +94,6 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _add_probe_args(p: argparse.ArgumentParser) -> None:
-    from gradprobe import probe_run  # the probe's options, checks and run live there
-
-    probe_run.add_cli_args(p)
-
-
-def _check_probe_args(args) -> None:
-    from gradprobe import probe_run
-
-    try:
-        probe_run.check_cli_args(args)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def _probe_checkpointed(args, model, batches, config, directory):
-    from gradprobe import probe_run
-
-    return probe_run.run(args, model, batches, config, directory)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradprobe", description="Exact, fast pruning of LLM linear layers."
@@ -184,10 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=_positive_int, default=8, help="calibration windows per layer forward"
     )
-    from gradprobe.allocation_args import add_cli_args  # --allocation uniform|variant|owl|explicit
+    from gradprobe import allocation_args, probe_run
 
-    add_cli_args(p)
-    _add_probe_args(p)
+    allocation_args.add_cli_args(p)  # --allocation uniform|variant|owl|owl-rescaled|explicit
+    probe_run.add_cli_args(p)  # --probe and its options
     _add_eval_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip the dense and pruned perplexity")
     from gradprobe import zeroshot

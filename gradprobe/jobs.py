@@ -90,8 +90,7 @@ class PruneJob:
     @classmethod
     def from_args(cls, args: Any) -> PruneJob:
         """Check every option of ``gradprobe prune`` (UsageError, before anything is loaded or written)."""
-        from gradprobe import distributed, io, preflight
-        from gradprobe.cli import _check_probe_args
+        from gradprobe import distributed, io, preflight, probe_run
 
         started = time.perf_counter()
         args.device = distributed.rank_device(args.device or default_device())  # cuda -> cuda:LOCAL_RANK
@@ -101,8 +100,8 @@ class PruneJob:
         check_source(args.eval_source, "--eval")
         sizes = resolve_sizes(args)
         config = make_config(args, sizes)
-        _check_probe_args(args)
         try:
+            probe_run.check_cli_args(args)
             check_stream_args(args)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
@@ -524,9 +523,9 @@ def _prune_in_memory(job: PruneJob, discard: bool) -> int:
     config, alloc = job.allocation.apply(job.config, model, batches)
     try:
         if job.probe:
-            from gradprobe.cli import _probe_checkpointed
+            from gradprobe import probe_run
 
-            report = _probe_checkpointed(job.probe_args, model, batches, config, job.partial / "probe")
+            report = probe_run.run(job.probe_args, model, batches, config, job.partial / "probe")
         else:
             from gradprobe.api import prune
 
