@@ -60,8 +60,8 @@ def _prune(model, batches, target: str, **kw) -> float:
 def _owl(model, batches, target: str) -> float:
     cfg = gradprobe.PruneConfig(nsamples=batches.shape[0], seqlen=batches.shape[1], progress=False)
     alloc = owl_from_model(model, batches, float(target), config=cfg)
-    rep = gradprobe.prune(model, batches, cfg.replace(sparsity=alloc.target, sparsity_fn=alloc.sparsity_fn,
-                                                      mask_fn=alloc.mask_fn))
+    rep = gradprobe.prune(model, batches, alloc.config(nsamples=batches.shape[0], seqlen=batches.shape[1],
+                                                       progress=False))
     return rep.sparsity
 
 

@@ -15,7 +15,7 @@ SCOPES = ("row", "layer", "global")
 
 
 class MaskFn(Protocol):
-    """Pluggable per-tensor "select and prune" step (issues 6/7 hook).
+    """Pluggable per-tensor "select and prune" step (wrapped into a selector by :mod:`gradprobe.methods`).
 
     Called once per prunable tensor, after the layer's calibration statistics are complete.
     Must zero the pruned weights of ``weight`` in place and return the bool mask (True = pruned).
@@ -24,7 +24,7 @@ class MaskFn(Protocol):
         weight: (out_features, in_features) parameter data on the compute device, model dtype.
         norm: (in_features,) float32 activation norms ||X_j||_2, or None for magnitude.
         sparsity: this tensor's target fraction (from ``sparsity_for``), or None under N:M.
-        ctx: :class:`gradprobe.pipeline.layerwise.TensorContext` (layer index, name, config, layer stats).
+        ctx: :class:`gradprobe.methods.TensorContext` (layer index, name, config, layer stats, target).
     """
 
     def __call__(
@@ -51,7 +51,8 @@ def parse_structure(structure: str | None) -> tuple[int, int] | None:
     return n, m
 
 
-def _check_fraction(value: Any, where: str) -> float:
+def check_fraction(value: Any, where: str) -> float:
+    """``value`` as a float in [0, 1); TypeError / ValueError naming ``where`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{where} must be a float in [0, 1), got {type(value).__name__}")
     value = float(value)
@@ -89,7 +90,10 @@ class PruneConfig:
         calib_source: passed to ``gradprobe.data.calibration_batches`` (None = its default).
         mask_fn: optional :class:`MaskFn` replacing the built-in select-and-prune step.
         sparsity_fn: optional ``(layer_idx, name, config) -> float`` replacing the resolution of
-            ``sparsity`` (issue 7: OWL-style allocation); evaluated for all tensors before the loop.
+            ``sparsity``; evaluated for all tensors before the loop (:func:`gradprobe.plan.build_plan`).
+        allocation: optional :class:`gradprobe.allocation.Allocation` (OWL, explicit): the exact
+            count of every tensor, pruned as counts (per row, as :func:`gradprobe.allocation.prune_rows_`);
+            replaces ``sparsity`` / ``sparsity_fn`` (``sparsity`` is then only the reported nominal).
         progress: show a tqdm bar per layer.
     """
 
@@ -106,6 +110,7 @@ class PruneConfig:
     calib_source: Any = None
     mask_fn: Callable[..., torch.Tensor] | None = field(default=None, compare=False)
     sparsity_fn: Callable[[int, str, PruneConfig], float] | None = field(default=None, compare=False)
+    allocation: Any = field(default=None, compare=False)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -148,7 +153,7 @@ class PruneConfig:
                     raise ValueError(
                         f"PruneConfig.sparsity mapping keys must be layer indices (int >= 0), got {k!r}"
                     )
-                norm[k] = _check_fraction(v, f"PruneConfig.sparsity[{k}]")
+                norm[k] = check_fraction(v, f"PruneConfig.sparsity[{k}]")
             if not norm:
                 raise ValueError(
                     "PruneConfig.sparsity mapping is empty; give at least one layer index -> fraction"
@@ -157,9 +162,9 @@ class PruneConfig:
         elif isinstance(s, Sequence) and not isinstance(s, str):
             if len(s) == 0:
                 raise ValueError("PruneConfig.sparsity list is empty; give one fraction per decoder layer")
-            set_("sparsity", tuple(_check_fraction(v, f"PruneConfig.sparsity[{i}]") for i, v in enumerate(s)))
+            set_("sparsity", tuple(check_fraction(v, f"PruneConfig.sparsity[{i}]") for i, v in enumerate(s)))
         else:
-            set_("sparsity", _check_fraction(s, "PruneConfig.sparsity"))
+            set_("sparsity", check_fraction(s, "PruneConfig.sparsity"))
         if self.scope == "global" and not isinstance(self.sparsity, float):
             raise ValueError(
                 'PruneConfig.scope="global" needs one float sparsity (per-layer lists/mappings need scope "row" or "layer")'
@@ -176,6 +181,18 @@ class PruneConfig:
                 f"PruneConfig.device must be a torch device string like 'cpu' or 'cuda:0', got {self.device!r}"
             ) from None
         set_("device", str(dev))
+        if self.allocation is not None:
+            counts = getattr(self.allocation, "counts", None)
+            if not isinstance(counts, Mapping):
+                raise TypeError(
+                    "PruneConfig.allocation must be a gradprobe.allocation.Allocation (exact counts per tensor), "
+                    f"got {type(self.allocation).__name__}"
+                )
+            if nm is not None or self.scope != "row" or self.sparsity_fn is not None:
+                raise ValueError(
+                    "PruneConfig.allocation gives exact per-tensor counts (pruned per row); it cannot be combined "
+                    'with an N:M structure, scope other than "row" or a sparsity_fn'
+                )
         for name in ("mask_fn", "sparsity_fn"):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):
@@ -214,7 +231,9 @@ class PruneConfig:
             if f.name in ("progress", "device"):
                 continue
             v = getattr(self, f.name)
-            if callable(v):
+            if f.name == "allocation":
+                v = None if v is None else sorted([i, n, k] for (i, n), k in v.counts.items())
+            elif callable(v):
                 v = f"{getattr(v, '__module__', '?')}.{getattr(v, '__qualname__', repr(v))}"
             elif isinstance(v, dict):
                 v = {str(k): x for k, x in v.items()}

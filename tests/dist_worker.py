@@ -138,7 +138,7 @@ _FAIL = {"on": False}
 def failing_mask_fn(w, norm, s, ctx):
     """The default mask step, except that rank 1 raises at layer 1 while ``_FAIL["on"]``."""
     from gradprobe import distributed
-    from gradprobe.pipeline.layerwise import default_mask_fn
+    from gradprobe.methods import default_mask_fn
 
     if _FAIL["on"] and distributed.rank() == 1 and ctx.layer_idx == 1:
         if _FAIL.get("die"):

@@ -18,10 +18,10 @@ from gradprobe.allocation import (
     model_layout,
     owl_allocation,
     owl_from_model,
-    prune_rows_,
     report_allocation,
     round_counts,
 )
+from gradprobe.methods import prune_rows_
 from gradprobe.pipeline import dense_norms
 
 

@@ -87,9 +87,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from gradprobe.config import PruneConfig
+from gradprobe.methods import prune_to_target_
 from gradprobe.models import get_adapter
 from gradprobe.pipeline.calibration import LM_HEAD
-from gradprobe.pipeline.layerwise import TensorContext, default_mask_fn, resolve_sparsity
+from gradprobe.plan import Target, build_plan
 from gradprobe.report import TensorRow
 from gradprobe.stats import ChannelStats, sum_of_squares
 
@@ -148,8 +149,7 @@ class GradprobeModifier(SparsityModifierBase):
 
     _config: PruneConfig | None = PrivateAttr(default=None)
     _where: dict[nn.Module, tuple[int, str, str]] = PrivateAttr(default_factory=dict)
-    _sparsity_of: dict[tuple[int, str], float | None] = PrivateAttr(default_factory=dict)
-    _mask_fn: Any = PrivateAttr(default=None)
+    _targets: dict[tuple[int, str], Target] = PrivateAttr(default_factory=dict)
     _stats: dict[nn.Module, ChannelStats] = PrivateAttr(default_factory=dict)
     _last: tuple[torch.Tensor, torch.Tensor] | None = PrivateAttr(default=None)
     _masks: dict[nn.Module, tuple[torch.Tensor, torch.Size]] = PrivateAttr(default_factory=dict)
@@ -238,18 +238,19 @@ class GradprobeModifier(SparsityModifierBase):
         self._where = {m: (*candidates[m], fullnames[m]) for m in chosen}
         config = self._config.replace(include_lm_head=any(n == LM_HEAD for _, n, _ in self._where.values()))
         names = [(i, n) for i, n, _ in self._where.values()]
-        self._mask_fn = default_mask_fn
         if self.sparsity_profile == "owl":
             if config.include_lm_head:
                 raise ValueError("GradprobeModifier: sparsity_profile='owl' covers the decoder layers only; drop lm_head")
             alloc = self._owl(model, state)
             config = alloc.config(batch_size=1, progress=False)
-            self._mask_fn = alloc.mask_fn
             missing = sorted(set(names) - set(alloc.counts))
             if missing:
                 raise ValueError(f"GradprobeModifier: OWL plan lacks {missing[:3]}")
         self._config = config
-        self._sparsity_of = resolve_sparsity(config, names, len(layers))
+        groups: dict[int, dict[str, nn.Module]] = {}
+        for module, (i, n, _) in self._where.items():
+            groups.setdefault(i, {})[n] = module
+        self._targets = build_plan(config, groups, len(layers))
         if self.method == "magnitude":
             for module in self._where:
                 self._prune(module, None)
@@ -302,18 +303,17 @@ class GradprobeModifier(SparsityModifierBase):
 
     def _prune(self, module: nn.Module, st: ChannelStats | None) -> None:
         i, name, fullname = self._where[module]
-        target = self._sparsity_of[(i, name)]
+        target = self._targets[(i, name)]
         with torch.no_grad(), align_module_device(module):
             weight = module.weight.data.clone()
             norm = None if st is None else st.norm().to(weight.device)
-            ctx = TensorContext(layer_idx=i, name=name, config=self._config, module=module, stats=st)
-            mask = self._mask_fn(weight, norm, target, ctx)
+            mask = prune_to_target_(weight, target, norm)
         update_offload_parameter(module, "weight", weight)
         pruned = int(mask.sum())
         self._done.add(fullname)
         self._rows.append(
             TensorRow(layer=i, name=name, shape=tuple(weight.shape), numel=weight.numel(), pruned=pruned,
-                      target=target, seconds=0.0)
+                      target=target.fraction, seconds=0.0)
         )
         logger.info(f"gradprobe {self.method}: pruned {pruned}/{weight.numel()} of {fullname}")
         if self.preserve_sparsity:

@@ -4,9 +4,10 @@ Algorithm (as the Wanda reference, https://github.com/locuslab/wanda/blob/main/l
 
 1. :func:`capture_calibration` embeds the calibration windows once: ``inputs`` (N, L, H) in the
    model's dtype on ``config.device`` = the inputs of decoder layer 0.
-2. For each decoder layer: move it to the device; run it on all windows with
-   :class:`gradprobe.stats.LayerStats` hooks (fp32 per-input-channel sum of squares); select and
-   prune every prunable linear in place (``config.mask_fn`` or :func:`gradprobe.prune_`); re-run the
+2. For each decoder layer: move it to the device; run it on all windows collecting the statistics
+   the method's selector needs (:mod:`gradprobe.methods`: none, fp32 per-input-channel sums of
+   squares, or Hessians); the selector prunes every prunable linear in place to its target in the
+   plan (:mod:`gradprobe.plan`, fixed before the loop: fractions, exact counts or N:M); re-run the
    *pruned* layer to produce the next layer's inputs into the second buffer; swap buffers; move the
    layer back.
 3. Scope "global" (:mod:`gradprobe.pipeline.global_scope`): one pass over the dense model collects
@@ -30,7 +31,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ from torch import nn
 from gradprobe import distributed
 from gradprobe._checkpoint import STATE_VERSION, ResumeState, batches_digest, sample_checksum
 from gradprobe.config import PruneConfig
+from gradprobe.methods import selector_for
 from gradprobe.models import get_adapter
 from gradprobe.pipeline.calibration import (
     EMBEDDINGS,
@@ -47,74 +48,9 @@ from gradprobe.pipeline.calibration import (
     check_batches,
     on_device,
 )
+from gradprobe.plan import build_plan
 from gradprobe.report import PruneReport, TensorRow
-from gradprobe.select import prune_
 from gradprobe.stats import ChannelStats
-
-
-# --------------------------------------------------------------------------------------------------
-# pluggable steps
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class TensorContext:
-    """What a ``mask_fn`` / ``sparsity_fn`` may need besides the weight."""
-
-    layer_idx: int
-    name: str
-    config: PruneConfig
-    module: nn.Linear
-    stats: ChannelStats | None = None
-
-
-def default_mask_fn(
-    weight: torch.Tensor, norm: torch.Tensor | None, sparsity: float | None, ctx: TensorContext
-) -> torch.Tensor:
-    """Built-in select-and-prune: :func:`gradprobe.prune_` with the config's scope / structure."""
-    if ctx.config.structure is not None:
-        return prune_(weight, None, norm=norm, structure=ctx.config.structure)
-    return prune_(weight, sparsity, norm=norm, scope=ctx.config.scope)
-
-
-def resolve_sparsity(
-    config: PruneConfig, names: list[tuple[int, str]], num_layers: int
-) -> dict[tuple[int, str], float | None]:
-    """Target sparsity of every (layer index, tensor name), fixed before the loop.
-
-    lm_head has layer index ``num_layers``. A per-layer list needs ``num_layers`` entries (one more
-    when lm_head is pruned); a mapping may omit layers (they stay dense). Under N:M every target is
-    None. ``config.sparsity_fn(layer_idx, name, config)`` overrides all of this.
-    """
-    has_head = any(i == num_layers for i, _ in names)
-    n_expected = num_layers + int(has_head)
-    s = config.sparsity
-    out: dict[tuple[int, str], float | None] = {}
-    if isinstance(s, tuple) and len(s) != n_expected:
-        raise ValueError(
-            f"PruneConfig.sparsity has {len(s)} entries but the model has {num_layers} decoder layers"
-            + (" (+1 for lm_head)" if has_head else "")
-            + f"; give {n_expected}"
-        )
-    if isinstance(s, dict):
-        bad = [k for k in s if k >= n_expected]
-        if bad:
-            raise ValueError(
-                f"PruneConfig.sparsity has layer indices {bad} but the model has layers 0..{n_expected - 1}"
-            )
-    for i, name in names:
-        if config.structure is not None:
-            v: float | None = None
-        elif config.sparsity_fn is not None:
-            from gradprobe.config import _check_fraction
-
-            v = _check_fraction(config.sparsity_fn(i, name, config), f"sparsity_fn({i}, {name!r})")
-        elif isinstance(s, tuple):
-            v = s[i]
-        elif isinstance(s, dict):
-            v = s.get(i, 0.0)
-        else:
-            v = s
-        out[(i, name)] = v
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,16 +118,7 @@ class LayerwisePruner:
                     "(pruning it would prune embed_tokens too); untie it or leave include_lm_head=False"
                 )
             self.groups[self.num_layers] = {LM_HEAD: head}
-        names = [(i, n) for i, g in self.groups.items() for n in g]
-        self.targets = resolve_sparsity(config, names, self.num_layers)
-        if config.nm is not None:
-            m = config.nm[1]
-            for (i, n), lin in ((k, self.groups[k[0]][k[1]]) for k in names):
-                if lin.in_features % m:
-                    raise ValueError(
-                        f"structure={config.structure!r} needs in_features divisible by {m}; "
-                        f"layer {i} {n} has in_features={lin.in_features}"
-                    )
+        self.plan = build_plan(config, self.groups, self.num_layers)  # validated before anything runs
         if config.scope == "global" and config.mask_fn is not None:
             raise ValueError("PruneConfig.mask_fn is per tensor and cannot be combined with scope='global'")
         self.wanda = config.needs_calibration
@@ -202,18 +129,14 @@ class LayerwisePruner:
                 )
             batches = check_batches(batches, getattr(model.config, "vocab_size", None))
         self.batches = batches if self.wanda else None
-        self.mask_fn = config.mask_fn or default_mask_fn
-        self.hessian = config.method == "sparsegpt"
+        self.selector = selector_for(config)
+        self.hessian = self.selector.needs == "hessian"
         if self.hessian and distributed.active():
             raise ValueError(
                 "method='sparsegpt' is not supported with several processes (torch.distributed): its "
                 "in_features^2 Hessian sum depends on the summation order, so masks would differ between "
                 "world sizes; run it in one process"
             )
-        if self.hessian and config.mask_fn is None:
-            from gradprobe.sparsegpt import SparseGPTMaskFn
-
-            self.mask_fn = SparseGPTMaskFn()
         self.resume = None
         if resume_dir is not None:
             identity = {
@@ -244,26 +167,20 @@ class LayerwisePruner:
 
         return tqdm(total=total, desc=desc, unit="layer", disable=not self.config.progress)
 
-    def _prune_group(
-        self, i: int, norms: dict[str, torch.Tensor] | None, stats: dict[str, ChannelStats] | None
-    ) -> list[TensorRow]:
-        rows, masks = [], []
-        for name, lin in self.groups[i].items():
-            target = self.targets[(i, name)]
-            norm = None if norms is None else norms[name].to(lin.weight.device)
-            ctx = TensorContext(
-                layer_idx=i,
-                name=name,
-                config=self.config,
-                module=lin,
-                stats=None if stats is None else stats[name],
-            )
-            t0 = time.perf_counter()
-            mask = self.mask_fn(lin.weight.data, norm, target, ctx)
-            rows.append(_row(i, name, lin.weight, mask, target, time.perf_counter() - t0))
-            if distributed.active():
-                masks.append(mask)
-        distributed.agree(f"masks of layer {i}", distributed.masks_digest(masks))  # before anything is written
+    def _prune_group(self, i: int, stats: dict[str, ChannelStats] | None) -> list[TensorRow]:
+        """The selector prunes group ``i`` to the plan; the ranks agree on the masks before any write."""
+        linears = self.groups[i]
+        targets = {name: self.plan[(i, name)] for name in linears}
+        t0 = time.perf_counter()
+        masks = self.selector.select_(i, linears, stats, targets)
+        secs = time.perf_counter() - t0
+        total = sum(lin.weight.numel() for lin in linears.values()) or 1
+        rows = [
+            _row(i, name, lin.weight, masks[name], targets[name].fraction, secs * lin.weight.numel() / total)
+            for name, lin in linears.items()
+        ]
+        if distributed.active():  # before anything is written
+            distributed.agree(f"masks of layer {i}", distributed.masks_digest(list(masks.values())))
         return rows
 
     def _materialize(self, i: int) -> None:
@@ -346,11 +263,10 @@ class LayerwisePruner:
                     self._restore(i)
                     layer_rows = self.resume.rows(i)
                 else:
-                    norms = stats = None
+                    stats = None
                     if calib is not None:
-                        st = calib.layer_stats(layer, i, self.groups[i], inps, hessian=self.hessian)
-                        norms, stats = st.norms(), st.stats
-                    layer_rows = self._prune_group(i, norms, stats)
+                        stats = calib.layer_stats(layer, i, self.groups[i], inps, hessian=self.hessian).stats
+                    layer_rows = self._prune_group(i, stats)
                 if calib is not None:
                     calib.run_layer(layer, i, inps, outs)  # outputs of the pruned layer feed layer i + 1
             if calib is not None:
@@ -377,8 +293,7 @@ class LayerwisePruner:
                 layer_seconds[i] = self.resume.seconds(i)
             else:
                 stats = calib.head_stats(inps, hessian=self.hessian) if calib is not None else None
-                norms = None if stats is None else {k: s.norm() for k, s in stats.items()}
-                head_rows = self._prune_group(i, norms, stats)
+                head_rows = self._prune_group(i, stats)
                 rows += head_rows
                 layer_seconds[i] = time.perf_counter() - t0
                 self._finish_layer(i, head_rows, layer_seconds[i])
