@@ -14,16 +14,17 @@
 // Non-finite weights are detected during the selection and raise ValueError before anything is written.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <exception>
 #include <limits>
 #include <memory>
 #include <optional>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -40,7 +41,51 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kBlock = 4096;         // keys computed per block (16 KiB buffer, stays in L1)
 constexpr int64_t kChunk = 1 << 16;      // elements per parallel task
 
-int num_threads() { return std::max(1, at::get_num_threads()); }
+// Runs f(th) for th in [0, nt) on nt threads (the caller is thread 0) and joins them; a thread's
+// exception is rethrown after the join. Plain threads rather than the OpenMP pool: an idle OpenMP
+// worker spins (GOMP_SPINCOUNT) in every barrier and after every region, and on a loaded machine that
+// spinning takes CPU time from the threads doing the pass (2 Llama-2-7B layers / 2, fp32 with norms,
+// 2 vCPUs at load 12: global_masks 270-290 ms under OpenMP, 190-210 ms with OMP_WAIT_POLICY=passive).
+// A waiting std::thread sleeps in join. Starting a thread costs tens of microseconds; callers ask for
+// threads only for work of >= 256 Ki elements per thread (threads_for).
+template <typename F>
+void run_threads(int nt, F&& f) {
+  if (nt <= 1) {
+    f(0);
+    return;
+  }
+  std::vector<std::exception_ptr> err(static_cast<size_t>(nt));
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(nt - 1));
+  for (int t = 1; t < nt; ++t) {
+    pool.emplace_back([&f, &err, t] {
+      try {
+        f(t);
+      } catch (...) {
+        err[t] = std::current_exception();
+      }
+    });
+  }
+  try {
+    f(0);
+  } catch (...) {
+    err[0] = std::current_exception();
+  }
+  for (std::thread& th : pool) th.join();
+  for (const std::exception_ptr& e : err)
+    if (e) std::rethrow_exception(e);
+}
+
+// Dynamic schedule over [0, n): each call of body(i) takes the next of `grain` consecutive indices
+// from the shared counter (each thread sees its indices in increasing order).
+template <typename B>
+GP_INLINE void for_dynamic(std::atomic<int64_t>& next, int64_t n, int64_t grain, B&& body) {
+  for (int64_t i0 = next.fetch_add(grain, std::memory_order_relaxed); i0 < n;
+       i0 = next.fetch_add(grain, std::memory_order_relaxed)) {
+    const int64_t i1 = std::min(n, i0 + grain);
+    for (int64_t i = i0; i < i1; ++i) body(i);
+  }
+}
 
 // ---- global (one group over a list of tensors) ---------------------------------------------------
 
@@ -179,12 +224,12 @@ void throw_bad_chunk(const Group& g, const std::vector<uint8_t>& bad) {
 // Histogram pass (kHist1 / kHist2) over the whole group: per-thread uint32 counters, flushed into
 // int64 before they could overflow, then reduced.
 std::vector<int64_t> group_histogram(const Group& g, PassArgs proto, uint32_t nb, std::vector<uint8_t>& bad) {
-  const int nt = num_threads();
+  const int nt = threads_for(g.total);
   std::vector<std::vector<int64_t>> sums(static_cast<size_t>(nt));
   const int64_t nc = static_cast<int64_t>(g.chunks.size());
-#pragma omp parallel num_threads(nt)
-  {
-    std::vector<int64_t>& sum = sums[omp_get_thread_num()];
+  std::atomic<int64_t> next{0};
+  run_threads(nt, [&](int th) {
+    std::vector<int64_t>& sum = sums[th];
     sum.assign(nb, 0);
     std::vector<uint32_t> h(kHistCopies * static_cast<size_t>(nb), 0);
     std::vector<uint32_t> cand(kBlock + kSlack);
@@ -199,14 +244,13 @@ std::vector<int64_t> group_histogram(const Group& g, PassArgs proto, uint32_t nb
       std::fill(h.begin(), h.end(), 0u);
       since_flush = 0;
     };
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t c = 0; c < nc; ++c) {
+    for_dynamic(next, nc, 1, [&](int64_t c) {
       if (since_flush > (int64_t{1} << 31)) flush();
       bad[c] |= run_chunk(g, g.chunks[c], buf, a) != 0;
       since_flush += g.chunks[c].f1 - g.chunks[c].f0;
-    }
+    });
     flush();
-  }
+  });
   std::vector<int64_t> out(nb, 0);
   for (const auto& sum : sums)
     for (size_t b = 0; b < sum.size(); ++b) out[b] += sum[b];
@@ -296,24 +340,27 @@ std::vector<uint32_t> sample_keys(const Group& g) {
   std::vector<uint32_t> out(static_cast<size_t>(n));
   const int64_t nr = static_cast<int64_t>(runs.size());
   constexpr int64_t kAhead = 8;
-#pragma omp parallel for num_threads(threads_for(g.total / 16)) schedule(static)
-  for (int64_t i = 0; i < nr; ++i) {
-    if (i + kAhead < nr) {
-      const SampleRun& p = runs[i + kAhead];
-      const char* base = static_cast<const char*>(g.w[p.t].const_data_ptr()) + p.f * g.w[p.t].element_size();
-      for (int64_t b = 0; b < p.len * g.w[p.t].element_size(); b += 64) __builtin_prefetch(base + b);
+  const int nt = threads_for(g.total / 16);
+  run_threads(nt, [&](int th) {  // static schedule: thread th reads runs [nr * th / nt, nr * (th + 1) / nt)
+    const int64_t i1 = nr * (th + 1) / nt;
+    for (int64_t i = nr * th / nt; i < i1; ++i) {
+      if (i + kAhead < i1) {
+        const SampleRun& p = runs[i + kAhead];
+        const char* base = static_cast<const char*>(g.w[p.t].const_data_ptr()) + p.f * g.w[p.t].element_size();
+        for (int64_t b = 0; b < p.len * g.w[p.t].element_size(); b += 64) __builtin_prefetch(base + b);
+      }
+      const SampleRun& r = runs[i];
+      const at::Tensor& w = g.w[r.t];
+      const float* nrm = g.nrm[r.t].empty() ? nullptr : g.nrm[r.t].data();
+      const int64_t cols = w.size(1);
+      dispatch_weight(w.scalar_type(), [&](auto tag) {
+        using T = decltype(tag);
+        const T* wp = w.const_data_ptr<T>();
+        for (int64_t j = 0; j < r.len; ++j) out[r.at + j] = key_at(wp, nrm, cols, r.f + j);
+        return 0;
+      });
     }
-    const SampleRun& r = runs[i];
-    const at::Tensor& w = g.w[r.t];
-    const float* nrm = g.nrm[r.t].empty() ? nullptr : g.nrm[r.t].data();
-    const int64_t cols = w.size(1);
-    dispatch_weight(w.scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      const T* wp = w.const_data_ptr<T>();
-      for (int64_t j = 0; j < r.len; ++j) out[r.at + j] = key_at(wp, nrm, cols, r.f + j);
-      return 0;
-    });
-  }
+  });
   return out;
 }
 
@@ -644,13 +691,15 @@ void fix_candidates(const Group& g, const std::vector<ChunkCands>& cc, const std
   std::vector<int64_t> left(static_cast<size_t>(nc), std::numeric_limits<int64_t>::max());
   if (t.take < t.equal) {  // the tie cut falls inside the group: prefix of the ties per chunk
     std::vector<int64_t> eq(static_cast<size_t>(nc), 0);
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 64)
-    for (int64_t c = 0; c < nc; ++c) {
-      const uint32_t* key = bufs[cc[c].th].key.get() + cc[c].begin;
-      int64_t e = 0;
-      for (int64_t i = 0; i < cc[c].count; ++i) e += key[i] == t.key;
-      eq[c] = e;
-    }
+    std::atomic<int64_t> next{0};
+    run_threads(nt, [&](int) {
+      for_dynamic(next, nc, 64, [&](int64_t c) {
+        const uint32_t* key = bufs[cc[c].th].key.get() + cc[c].begin;
+        int64_t e = 0;
+        for (int64_t i = 0; i < cc[c].count; ++i) e += key[i] == t.key;
+        eq[c] = e;
+      });
+    });
     int64_t before = 0;
     for (int64_t c = 0; c < nc; ++c) {
       left[c] = std::clamp<int64_t>(t.take - before, 0, eq[c]);
@@ -658,18 +707,20 @@ void fix_candidates(const Group& g, const std::vector<ChunkCands>& cc, const std
     }
   }
   const uint32_t T = t.key;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 64)
-  for (int64_t c = 0; c < nc; ++c) {
-    const uint32_t* key = bufs[cc[c].th].key.get() + cc[c].begin;
-    const uint16_t* off = bufs[cc[c].th].off.get() + cc[c].begin;
-    bool* mm = masks[g.chunks[c].t].data_ptr<bool>() + g.chunks[c].f0;
-    int64_t l = left[c];
-    for (int64_t i = 0; i < cc[c].count; ++i) {  // the pass wrote false for every candidate (key >= lo)
-      const bool tie = key[i] == T && l > 0;
-      l -= tie;
-      if (key[i] < T || tie) mm[off[i]] = true;
-    }
-  }
+  std::atomic<int64_t> next{0};
+  run_threads(nt, [&](int) {
+    for_dynamic(next, nc, 64, [&](int64_t c) {
+      const uint32_t* key = bufs[cc[c].th].key.get() + cc[c].begin;
+      const uint16_t* off = bufs[cc[c].th].off.get() + cc[c].begin;
+      bool* mm = masks[g.chunks[c].t].data_ptr<bool>() + g.chunks[c].f0;
+      int64_t l = left[c];
+      for (int64_t i = 0; i < cc[c].count; ++i) {  // the pass wrote false for every candidate (key >= lo)
+        const bool tie = key[i] == T && l > 0;
+        l -= tie;
+        if (key[i] < T || tie) mm[off[i]] = true;
+      }
+    });
+  });
 }
 
 // The bracket path for k >= 1: true and *out set (and, with masks, every mask byte written) when the
@@ -692,14 +743,12 @@ bool bracket_select(const Group& g, int64_t k, std::vector<at::Tensor>* masks, S
   std::vector<uint8_t> bad(static_cast<size_t>(nc), 0);
   std::atomic<int64_t> used{0};
   std::atomic<bool> full{false};
-#pragma omp parallel num_threads(nt)
-  {
-    const int th = omp_get_thread_num();
+  std::atomic<int64_t> next{0};
+  run_threads(nt, [&](int th) {
     CandBuf& cb = bufs[th];
     alignas(64) uint32_t buf[kBlock];
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t c = 0; c < nc; ++c) {
-      if (full.load(std::memory_order_relaxed)) continue;  // the histogram passes will decide
+    for_dynamic(next, nc, 1, [&](int64_t c) {
+      if (full.load(std::memory_order_relaxed)) return;  // the histogram passes will decide
       const Chunk& ch = g.chunks[c];
       const at::Tensor& w = g.w[ch.t];
       const float* nrm = g.nrm[ch.t].empty() ? nullptr : g.nrm[ch.t].data();
@@ -724,8 +773,8 @@ bool bracket_select(const Group& g, int64_t k, std::vector<at::Tensor>* masks, S
       cb.size += count;
       if (used.fetch_add(count, std::memory_order_relaxed) + count > cap || cb.size + kChunk > cb.cap)
         full.store(true, std::memory_order_relaxed);
-    }
-  }
+    });
+  });
   if (full.load()) {
     ++g_path_counts[kPathOverflow];
     return false;
@@ -800,19 +849,18 @@ void global_mask_into(const Group& g, const at::Tensor& threshold, const at::Ten
   // ties must not all be pruned (the first `take` ties in group order are) are rewritten.
   std::vector<int64_t> eq(static_cast<size_t>(nc), 0);
   const MaskMode first = none ? MaskMode::kNone : take > 0 ? MaskMode::kLessEq : MaskMode::kLess;
-#pragma omp parallel num_threads(num_threads())
-  {
+  std::atomic<int64_t> next{0};
+  run_threads(threads_for(g.total), [&](int) {
     alignas(64) uint32_t buf[kBlock];
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t c = 0; c < nc; ++c) {
+    for_dynamic(next, nc, 1, [&](int64_t c) {
       PassArgs a{Pass::kMask};
       a.T = T;
       a.mask = masks[g.chunks[c].t].data_ptr<bool>();
       a.mode = first;
       bad[c] |= run_chunk(g, g.chunks[c], buf, a) != 0;
       eq[c] = a.count;
-    }
-  }
+    });
+  });
   throw_bad_chunk(g, bad);
   if (first != MaskMode::kLessEq) return;
   std::vector<int64_t> redo;
@@ -824,11 +872,10 @@ void global_mask_into(const Group& g, const at::Tensor& threshold, const at::Ten
     if (prune_eq[c] < eq[c]) redo.push_back(c);
   }
   const int64_t nr = static_cast<int64_t>(redo.size());
-#pragma omp parallel num_threads(num_threads())
-  {
+  std::atomic<int64_t> next_redo{0};
+  run_threads(threads_for(nr * kChunk), [&](int) {
     alignas(64) uint32_t buf[kBlock];
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < nr; ++i) {
+    for_dynamic(next_redo, nr, 1, [&](int64_t i) {
       const int64_t c = redo[i];
       PassArgs a{Pass::kMask};
       a.T = T;
@@ -836,8 +883,8 @@ void global_mask_into(const Group& g, const at::Tensor& threshold, const at::Ten
       a.mode = prune_eq[c] == 0 ? MaskMode::kLess : MaskMode::kCut;
       a.left = prune_eq[c];
       run_chunk(g, g.chunks[c], buf, a);
-    }
-  }
+    });
+  });
 }
 
 std::vector<at::Tensor> global_mask(at::TensorList weights, at::TensorList norms, const at::Tensor& threshold,
