@@ -25,9 +25,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradprobe.allocation_args import AllocationSpec
+
+if TYPE_CHECKING:
+    from gradprobe.config import PruneConfig
+    from gradprobe.zeroshot import Plan
 
 # Defaults of the embedded run (no --model): sized for < 3 minutes on 2 CPU cores.
 EMBEDDED_DEFAULTS = {"nsamples": 32, "seqlen": 256, "eval_context": 256, "eval_windows": 16}
@@ -77,9 +81,9 @@ class PruneJob:
     out: Path
     partial: Path
     sizes: Sizes
-    config: Any
+    config: PruneConfig
     allocation: AllocationSpec
-    tasks: Any
+    tasks: Plan | None
     identity: dict
     options: dict
     command: str
@@ -150,7 +154,7 @@ class EvalJob:
     device: str
     eval_source: str | None
     sizes: Sizes
-    tasks: Any
+    tasks: Plan | None
     json: bool
 
     @classmethod
@@ -265,7 +269,7 @@ def resolve_sizes(args: Any) -> Sizes:
     return Sizes(**out)
 
 
-def make_config(args: Any, sizes: Sizes):
+def make_config(args: Any, sizes: Sizes) -> PruneConfig:
     """The :class:`gradprobe.PruneConfig` of the options (UsageError for a conflicting combination)."""
     from gradprobe.config import PruneConfig
 
@@ -301,7 +305,7 @@ def make_config(args: Any, sizes: Sizes):
         raise UsageError(str(exc)) from None
 
 
-def zeroshot_plan(args: Any):
+def zeroshot_plan(args: Any) -> Plan | None:
     """The checked lm-eval request of --tasks / --eval-tasks (None without), before any model work."""
     from gradprobe import zeroshot
 
