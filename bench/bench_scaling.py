@@ -1,33 +1,42 @@
-"""Measured per-layer costs of one Llama-2-7B-shaped decoder layer: the inputs of docs/scaling.md.
+"""Per-layer costs of one Llama-2-7B-shaped decoder layer, measured; 7B / 70B / 405B runs projected from them.
 
 One random-init ``LlamaForCausalLM`` with a single decoder layer of Llama-2-7B's shape (hidden 4096,
-intermediate 11008, 32 heads, vocab 32000, bf16; 202.4M parameters in the layer) and a small random
-calibration set (default 2 windows x 512 tokens; the projections in docs/scaling.md add attention's
-share at 2048 analytically). Measured on this machine, each step as the layer loop runs it:
+intermediate 11008, 32 heads, vocab 32000, bf16; 202.4M parameters in the 7 linears) and a small random
+calibration set (default 2 windows x 512 tokens; the projections add attention's share at 2048 tokens
+analytically). Measured on this machine, each step as the layer loop (gradprobe/pipeline) runs it:
 
-* ``dense forward``: the layer over every window (``batch_size`` 1), no hooks — the forward that
-  produces the next layer's inputs (the driver runs it once per layer, after pruning);
-* ``stats forward``: the same forward inside ``gradprobe.stats.LayerStats`` (per-sample fp32 sums of
-  squares of each distinct linear input) — the driver's first forward of every layer;
-* ``select + mask``: ``gradprobe.prune_`` on each of the 7 linears (Wanda norm, 50 %, scope row; and
-  2:4), in place, bf16;
-* SparseGPT: the stats forward with ``hessian=True`` (all 4 distinct inputs' Hessians) and
-  ``sparsegpt_prune_`` of q_proj (default; ``--sparsegpt-linears all`` for every linear);
-* I/O: reading the layer's tensors from a safetensors file (``safe_open``, as ``--stream`` does) with the
-  file's pages dropped from the page cache first (``posix_fadvise(DONTNEED)``) and again warm; the
-  per-layer resume checkpoint (sha256 of the pruned tensors + ``safetensors.save_file``); the masks'
-  sha256 that ranks compare under torch.distributed;
-* end to end: ``gradprobe.prune`` on the one-layer model and ``prune_streamed`` from its saved
-  checkpoint, with the calibration above.
+* dense forward: the layer over every window (batch size 1), no hooks - the forward that produces the
+  next layer's inputs (the loop runs it once per layer, after pruning);
+* stats forward: the same forward inside ``gradprobe.stats.LayerStats`` (per-window fp32 sums of squares
+  of each distinct linear input) - the loop's first forward of every layer;
+* select + mask: ``gradprobe.prune_`` on each of the 7 linears (Wanda norm, 50 %, scope row; and 2:4),
+  in place, bf16;
+* SparseGPT: the stats forward with ``hessian=True`` (the 4 distinct inputs' Hessians) and
+  ``sparsegpt_prune_`` of q_proj (default; ``--sparsegpt-linears all`` for every linear) on one thread;
+* the sha256s the loop computes: of the layer's bool masks (``distributed.masks_digest``, every rank under
+  torch.distributed) and of the pruned linears (``tensors_digest``, every resume checkpoint);
+* I/O: reading the layer from a safetensors file as ``--stream`` does (``safe_open`` + ``get_tensor``,
+  every byte touched) with the file's pages dropped from the page cache first (``posix_fadvise``) and
+  warm; the resume checkpoint (sha256 + ``safetensors.save_file`` + fsync + rename);
+* end to end: ``gradprobe.prune`` on the one-layer model and ``prune_streamed`` from its saved checkpoint.
 
-Checked before any number is written: every ``prune_`` mask prunes exactly floor(s * in) per row (2 of
-every 4 for 2:4); ``gradprobe.prune`` produces exactly the weights of the measured stats + select path
-(the same masks); ``prune_streamed`` writes the same pruned tensors as ``gradprobe.prune``.
+Checked before anything is written: every ``prune_`` and SparseGPT mask prunes exactly floor(s * in) per
+row (2 of every 4 for 2:4); the layer read back equals the dense layer; ``gradprobe.prune`` produces exactly
+the weights of the measured stats + select path; ``prune_streamed`` exactly those of ``gradprobe.prune``.
+
+On a shared machine the 1-min load average (``os.getloadavg``) is recorded around every step, and the
+process's CPU seconds per wall second (``CPU/wall``); single-threaded rates (sha256) used by the
+projections are bytes per CPU second, so the load is divided out.
+
+Projections (``projections_markdown``; docs/scaling.md explains them): model shapes, per-GPU device memory
+(``device_memory``), host memory and disk, time per layer and in total for W ranks on one or several nodes
+(``per_layer``), SparseGPT (``sparsegpt_per_layer``) and the gradient probe (``probe_model_mode``), from the
+measured numbers and the hardware assumptions in ``ASSUME`` (none of them measured here).
 
 Usage: python bench/bench_scaling.py [--nsamples 2] [--seqlen 512] [--reps 2] [--no-sparsegpt]
-       [--sparsegpt-linears q_proj|all|a,b] [--no-e2e]
-Writes bench/results/scaling.md (and prints it). A shared machine's load is recorded (``os.getloadavg``)
-at the start, the end and around every step; compare the steps with each other, not across runs.
+                                     [--sparsegpt-linears q_proj|all|a,b] [--no-e2e]
+       python bench/bench_scaling.py --project-from bench/results/scaling.md   (projections only)
+Writes bench/results/scaling.md (measured table, raw JSON, projections) and prints it.
 """
 
 from __future__ import annotations
@@ -155,8 +164,9 @@ def measured_markdown(raw: dict) -> str:
     lines = [
         "# Per-layer costs of one Llama-2-7B-shaped decoder layer (measured, CPU)",
         "",
-        f"Written {m['date']} by `python bench/bench_scaling.py {m['argv']}`; gradprobe commit {m['commit'] or '?'} "
-        f"(imported from {m['gradprobe']}); torch {m['torch']}; {m['cpu']} ({m['cores']} vCPUs, AMX-BF16), "
+        f"Written {m['date']} by `{' '.join(['python bench/bench_scaling.py', m['argv']]).strip()}`; gradprobe commit {m['commit'] or '?'} "
+        f"(imported from {m['gradprobe']}); torch {m['torch']}; {m['cpu']} ({m['cores']} vCPUs"
+        f"{', AMX-BF16' if m.get('amx_bf16') else ''}), "
         f"{m['threads']} torch threads, {m['mem_gib']:.0f} GiB; copy bandwidth measured at the end "
         f"{m['copy_bw_gbps']:.1f} GB/s. **Shared machine**: 1-min load average {m['load_start']} at the start, "
         f"{m['load_end']} at the end (per step below) with 2 vCPUs, so a step got only part of a core: the "
@@ -672,6 +682,7 @@ def main() -> None:
         "copy_bw_gbps": round(copy_bw, 2), "load_start": load_start, "load_end": load_end,
         "wall_s": round(total, 1), "commit": sha, "gradprobe": str(Path(gradprobe.__file__).parent.parent),
         "torch": torch.__version__, "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "amx_bf16": "amx_bf16" in Path("/proc/cpuinfo").read_text(),
         "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "peak_extra_bytes": PEAK, "calib_buffer_bytes": 2 * inps.numel() * inps.element_size(),
         "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
