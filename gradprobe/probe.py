@@ -934,7 +934,7 @@ def _to_home(tp: TensorProbe) -> TensorProbe:
 def _probe_layerwise(runner, groups, seq, done, batch_list, sparsity, method, scope, order, norms, r, threshold, n_max,
                      progress, exact=None, regional=False, resume=None):
     """Layerwise / regional: the layers of ``seq`` in order, the first ``done`` already restored; each one
-    is held on the device for its probe, then checkpointed (``resume``)."""
+    is probed (one decoder layer on the device at a time), then checkpointed (``resume``)."""
     from tqdm.auto import tqdm
 
     all_targets = [t for g in groups for t in g]
@@ -973,9 +973,9 @@ def _probe_layerwise(runner, groups, seq, done, batch_list, sparsity, method, sc
             collector = _Norms(targets, runner.device, lambda: not runner.streamer.recomputing)
 
         def cands(targets=targets, collector=collector):
-            if global_cands is not None:
-                return [(m.to(runner.device), None if e is None else _Exact(e.count, e.per_row, e.score.to(runner.device)))
-                        for m, e in (global_cands[t.name] for t in targets)]
+            if global_cands is not None:  # to where the weights are now
+                return [(m.to(t.param.device), None if e is None else _Exact(e.count, e.per_row, e.score.to(t.param.device)))
+                        for t, (m, e) in ((t, global_cands[t.name]) for t in targets)]
             got = collector.remove() if collector is not None else {}
             return _candidates(targets, sparsity, method, scope, norms if norms is not None else got, exact)
 
@@ -985,10 +985,16 @@ def _probe_layerwise(runner, groups, seq, done, batch_list, sparsity, method, sc
         else:
             def backward_of_batch(b, i=i, hidden=hidden):
                 runner.tail_backward(i, hidden[b], b)
+        # regional: the layer stays on the device for its whole probe (it is the only one that runs);
+        # layerwise: the tail's layers take turns on the device, so this one's |grad| maxima, candidates
+        # and decisions stay with its weights on the host between its backward passes.
+        if not regional and runner.moves:
+            runner.park = runner.home
         try:
-            with runner.hold_layer(i):
+            with runner.hold_layer(i) if regional else contextlib.nullcontext():
                 got = _probe_group(runner, targets, backward_of_batch, cands, r, threshold, n_max)
         finally:
+            runner.park = None
             if collector is not None:
                 collector.close()
         tensors.update({n: _to_home(tp) for n, tp in got.items()})

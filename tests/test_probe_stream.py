@@ -280,3 +280,47 @@ def test_cli_probe_killed_mid_run_resumes_to_identical_weights(tmp_path):
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(p, q), n
     assert any(bool((p == 0).any()) for n, p in b.named_parameters() if "layers.0." in n)
+
+
+@pytest.mark.parametrize("mode", ["model", "layerwise", "regional"])
+def test_one_decoder_layer_held_at_a_time(monkeypatch, mode):
+    """With the layers living away from the device (forced here: home == device, so every move is a no-op
+    and the result must not change), every decoder layer runs inside its own hold and no two are held at
+    once; the masks equal the plain run's."""
+    import contextlib
+
+    from gradprobe import probe as probe_mod
+
+    batches = random_batches(2, 12, seed=5)
+    a = tiny_model("llama", num_layers=2)
+    b = copy.deepcopy(a)
+    want = probe(a, batches, 0.5, mode=mode).masks
+
+    real_init, layers, held, most = probe_mod._Runner.__init__, [], [], [0]
+
+    def init(self, *args, **kw):
+        real_init(self, *args, **kw)
+        self.moves = True
+        layers[:] = list(self.layers)
+
+    @contextlib.contextmanager
+    def held_on(device, *modules):
+        mine = [m for m in modules if any(m is x for x in layers)]
+        held.extend(mine)
+        most[0] = max(most[0], len(held))
+        try:
+            yield
+        finally:
+            for m in mine:
+                held.remove(m)
+
+    def run_layer(self, j, hidden, real=probe_mod._Runner.run_layer):
+        assert any(m is self.layers[j] for m in held), f"layer {j} ran outside its hold"
+        return real(self, j, hidden)
+
+    monkeypatch.setattr(probe_mod._Runner, "__init__", init)
+    monkeypatch.setattr(probe_mod, "held_on", held_on)
+    monkeypatch.setattr(probe_mod._Runner, "run_layer", run_layer)
+    got = probe(b, batches, 0.5, mode=mode, device="cpu").masks
+    assert most[0] == 1 and not held
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
