@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
+
+from gradprobe.select import check_nm_sparsity, parse_structure
 
 METHODS = ("wanda", "magnitude", "sparsegpt")
 CALIBRATED_METHODS = ("wanda", "sparsegpt")  # methods that need calibration activations
@@ -30,25 +31,6 @@ class MaskFn(Protocol):
     def __call__(
         self, weight: torch.Tensor, norm: torch.Tensor | None, sparsity: float | None, ctx: Any
     ) -> torch.Tensor: ...
-
-
-def parse_structure(structure: str | None) -> tuple[int, int] | None:
-    """``"N:M"`` -> (N, M); None / "unstructured" -> None. Raises ValueError naming ``structure``."""
-    if structure is None or structure == "unstructured":
-        return None
-    if not isinstance(structure, str) or structure.count(":") != 1:
-        raise ValueError(
-            f'PruneConfig.structure must be None, "unstructured" or "N:M" (e.g. "2:4"), got {structure!r}'
-        )
-    try:
-        n, m = (int(p) for p in structure.split(":"))
-    except ValueError:
-        raise ValueError(
-            f'PruneConfig.structure must be "N:M" with integers (e.g. "2:4"), got {structure!r}'
-        ) from None
-    if not (0 < n < m <= 32):
-        raise ValueError(f"PruneConfig.structure {structure!r} needs 0 < N < M <= 32 (N pruned of every M)")
-    return n, m
 
 
 def check_fraction(value: Any, where: str) -> float:
@@ -124,7 +106,7 @@ class PruneConfig:
                 'PruneConfig.scope="global" is not defined for method="sparsegpt" (its weight updates '
                 'run one linear at a time); use scope="row" or "layer"'
             )
-        nm = parse_structure(self.structure)
+        nm = parse_structure(self.structure, "PruneConfig.structure")
         set_("structure", None if nm is None else f"{nm[0]}:{nm[1]}")
         s = self.sparsity
         if nm is not None:
@@ -132,15 +114,7 @@ class PruneConfig:
                 raise ValueError(
                     'PruneConfig.scope="global" cannot be combined with an N:M structure; use scope="row"'
                 )
-            if s is not None and not (
-                isinstance(s, (int, float))
-                and not isinstance(s, bool)
-                and math.isclose(float(s), nm[0] / nm[1], rel_tol=0, abs_tol=1e-12)
-            ):
-                raise ValueError(
-                    f"PruneConfig.sparsity={s!r} conflicts with structure={self.structure!r} "
-                    f"(prunes {nm[0]}/{nm[1]}); pass sparsity=None or {nm[0] / nm[1]}"
-                )
+            check_nm_sparsity(s, nm, self.structure, names=("PruneConfig.sparsity", "structure"))
             set_("sparsity", None)
         elif s is None:
             raise ValueError(

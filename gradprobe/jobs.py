@@ -272,15 +272,15 @@ def resolve_sizes(args: Any) -> Sizes:
 def make_config(args: Any, sizes: Sizes) -> PruneConfig:
     """The :class:`gradprobe.PruneConfig` of the options (UsageError for a conflicting combination)."""
     from gradprobe.config import PruneConfig
+    from gradprobe.select import check_nm_sparsity, parse_structure
 
     structure = None if args.structure == "unstructured" else args.structure
     sparsity = args.sparsity
     if structure is not None:
-        n, m = (int(x) for x in structure.split(":"))
-        if sparsity is not None and abs(sparsity - n / m) > 1e-12:
-            raise UsageError(
-                f"--sparsity {sparsity} conflicts with --structure {structure} (prunes {n}/{m}); drop --sparsity"
-            )
+        try:
+            check_nm_sparsity(sparsity, parse_structure(structure), structure, names=("--sparsity", "--structure"), cli=True)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         if args.scope == "global":
             raise UsageError(
                 f"--scope global cannot be combined with --structure {structure}; use --scope row"

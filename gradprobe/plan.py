@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from gradprobe.config import PruneConfig, check_fraction, parse_structure
+from gradprobe.config import PruneConfig, check_fraction
+from gradprobe.select import parse_structure
 
 
 @dataclass(frozen=True)

@@ -91,24 +91,56 @@ def _contiguous_inplace(weight: torch.Tensor, fn) -> torch.Tensor:
     return mask
 
 
-def _parse_structure(structure: str | None) -> tuple[int, int] | None:
+def parse_structure(structure: str | None, name: str = "structure") -> tuple[int, int] | None:
+    """``"N:M"`` -> (N, M); None / "unstructured" -> None. ValueError naming ``name`` otherwise.
+
+    The one parser of a structure string (tensor ops, :class:`gradprobe.PruneConfig`, SparseGPT, CLI)."""
     if structure is None or structure == "unstructured":
         return None
     if not isinstance(structure, str) or structure.count(":") != 1:
-        raise ValueError(f'structure must be None or "N:M" (e.g. "2:4"), got {structure!r}')
+        raise ValueError(f'{name} must be None, "unstructured" or "N:M" (e.g. "2:4"), got {structure!r}')
     try:
         n, m = (int(p) for p in structure.split(":"))
     except ValueError:
-        raise ValueError(f'structure must be "N:M" with integers (e.g. "2:4"), got {structure!r}') from None
+        raise ValueError(f'{name} must be "N:M" with integers (e.g. "2:4"), got {structure!r}') from None
     if not (0 < n < m <= 32):
-        raise ValueError(f"structure {structure!r} needs 0 < N < M <= 32 (N pruned of every M)")
+        raise ValueError(f"{name} {structure!r} needs 0 < N < M <= 32 (N pruned of every M)")
     return n, m
 
 
-def _check_nm(weight: torch.Tensor, sparsity: float | None, nm: tuple[int, int], structure: str) -> None:
+def check_nm_sparsity(
+    sparsity: object,
+    nm: tuple[int, int],
+    structure: str,
+    *,
+    names: tuple[str, str] = ("sparsity", "structure"),
+    cli: bool = False,
+) -> None:
+    """The N:M rule, written once: a sparsity given with an N:M structure must be None or exactly N/M.
+
+    ``names``: how the caller's user spells the two arguments; ``cli=True`` words the message for
+    command-line flags (``--sparsity 0.6 conflicts with --structure 2:4 ...; drop --sparsity``)."""
     n, m = nm
-    if sparsity is not None and not math.isclose(check_sparsity(sparsity), n / m, rel_tol=0, abs_tol=1e-12):
-        raise ValueError(f"sparsity={sparsity} conflicts with structure={structure!r} (prunes {n}/{m}); pass None or {n / m}")
+    if sparsity is None:
+        return
+    ok = isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool)
+    if ok and math.isclose(float(sparsity), n / m, rel_tol=0, abs_tol=1e-12):
+        return
+    if cli:
+        raise ValueError(
+            f"{names[0]} {sparsity} conflicts with {names[1]} {structure} (prunes {n}/{m}); drop {names[0]}"
+        )
+    raise ValueError(
+        f"{names[0]}={sparsity!r} conflicts with {names[1]}={structure!r} (prunes {n}/{m}); "
+        f"pass {names[0]}=None or {n / m}"
+    )
+
+
+def _check_nm(weight: torch.Tensor, sparsity: float | None, nm: tuple[int, int], structure: str) -> None:
+    if sparsity is not None:
+        check_sparsity(sparsity)
+    check_nm_sparsity(sparsity, nm, structure)
+    m = nm[1]
     if weight.shape[1] % m:
         raise ValueError(
             f"structure={structure!r} needs in_features divisible by {m}, got weight shape {tuple(weight.shape)}"
@@ -118,7 +150,7 @@ def _check_nm(weight: torch.Tensor, sparsity: float | None, nm: tuple[int, int],
 def _prepare(weight, sparsity, norm, scope, structure):
     check_weight(weight)
     check_norm(norm, weight)
-    nm = _parse_structure(structure)
+    nm = parse_structure(structure)
     if nm is not None:
         _check_nm(weight, sparsity, nm, structure)
         return nm

@@ -46,8 +46,7 @@ from typing import Any
 import torch
 
 from gradprobe.allocation import split_count
-from gradprobe.config import parse_structure
-from gradprobe.select import check_sparsity, check_weight, num_pruned
+from gradprobe.select import check_sparsity, check_weight, num_pruned, parse_structure
 from gradprobe.stats import HessianStats
 
 SCOPES = ("row", "layer")
