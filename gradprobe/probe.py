@@ -82,8 +82,8 @@ from torch import nn
 
 from gradprobe import distributed
 from gradprobe._checkpoint import batches_digest
-from gradprobe.select import check_sparsity, global_prune_masks, num_pruned, prune_mask
 from gradprobe.pipeline.backward import StreamedBackward, held_on
+from gradprobe.select import check_sparsity, global_prune_masks, num_pruned, prune_mask
 from gradprobe.stats import ChannelStats
 
 METHODS = ("wanda", "magnitude")
