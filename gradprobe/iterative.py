@@ -55,6 +55,7 @@ from gradprobe.probe import (
     scale_threshold,
     threshold_is_zero,
 )
+from gradprobe.report import PruneReport
 
 
 @dataclass(frozen=True)
@@ -117,11 +118,11 @@ class StepRecord:
     trials: int = 0
 
 
-@dataclass
-class IterativeResult:
-    """masks: cumulative {param name: bool mask} of the sparsest accepted step (empty if none)."""
+@dataclass(kw_only=True)
+class IterativeResult(PruneReport):
+    """A :class:`gradprobe.report.PruneReport` of the sparsest accepted step (``masks``: its cumulative
+    {param name: bool mask}, empty if none; ``rows``: one per probed tensor) and the schedule's record."""
 
-    masks: dict[str, torch.Tensor]
     steps: list[StepRecord]
     baseline: float
     threshold: Threshold
@@ -132,6 +133,21 @@ class IterativeResult:
     def sparsity(self) -> float:
         accepted = [s for s in self.steps if s.accepted]
         return accepted[-1].achieved if accepted else 0.0
+
+
+def _result(model, params, masks, steps, baseline, threshold, resumed_from, probe_kwargs, t_run) -> IterativeResult:
+    """The run's :class:`IterativeResult`: the report rows of ``masks`` (every probed tensor) plus the record."""
+    from gradprobe.config import PruneConfig
+
+    full = {n: masks.get(n, torch.zeros(p.shape, dtype=torch.bool)) for n, p in params.items()}
+    accepted = [s for s in steps if s.accepted]
+    target = accepted[-1].target if accepted else 0.0
+    config = PruneConfig(method=probe_kwargs.get("method", "wanda"), sparsity=target,
+                         scope=probe_kwargs.get("scope", "row"), progress=False)
+    base = PruneReport.from_masks(model, full, config, target=target, seconds=time.perf_counter() - t_run)
+    fields_ = {f: getattr(base, f) for f in ("rows", "config", "model_type", "seconds")}
+    return IterativeResult(**fields_, masks=masks, steps=steps, baseline=baseline, threshold=threshold,
+                           resumed_from=resumed_from, run={"method": "iterative probe"})
 
 
 def _describe(spec: Threshold) -> str:
@@ -224,6 +240,7 @@ def iterative_prune_(
     _probe_arguments(model, batches, schedule.initial, {**probe_kwargs, "gradient_threshold": threshold})
 
     params = _probed_params(model)
+    t_run = time.perf_counter()
     ckpt = _Checkpoint(checkpoint_dir, schedule, probe_kwargs, threshold, params) if checkpoint_dir is not None else None
     masks: dict[str, torch.Tensor] = {}
     steps: list[StepRecord] = []
@@ -241,7 +258,7 @@ def iterative_prune_(
                     params[n].data.masked_fill_(m, 0)
         resumed_from = state["last_accepted"]
         if state["stopped"]:
-            return IterativeResult(masks, steps, baseline, threshold, resumed_from)
+            return _result(model, params, masks, steps, baseline, threshold, resumed_from, probe_kwargs, t_run)
         start_step = len(steps)
     else:
         baseline = float(evaluate(model))
@@ -298,7 +315,7 @@ def iterative_prune_(
         masks = cum
         if ckpt is not None:
             ckpt.save(baseline, steps, threshold, si, masks, stopped=False, last_accepted=si)
-    return IterativeResult(masks, steps, baseline, threshold, resumed_from)
+    return _result(model, params, masks, steps, baseline, threshold, resumed_from, probe_kwargs, t_run)
 
 
 def _last_accepted(steps: list[StepRecord]) -> int:

@@ -1,4 +1,6 @@
-"""``PruneReport``: what a pruning run did, per tensor, as a Markdown table, JSON and a PNG plot."""
+"""``PruneReport``: the one result type of every pruning entry point (:func:`gradprobe.prune`,
+:func:`gradprobe.probe_prune_`, :func:`gradprobe.iterative.iterative_prune_`): what a run did, per
+tensor, with the masks where the method keeps them; as a Markdown table, JSON and a PNG plot."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from gradprobe.config import PruneConfig
 
@@ -50,10 +54,13 @@ class TensorRow:
 
 @dataclass
 class PruneReport:
-    """Result of :func:`gradprobe.prune`.
+    """Result of a pruning run (:func:`gradprobe.prune`, :func:`gradprobe.probe_prune_`, ...).
 
     Attributes:
         rows: one :class:`TensorRow` per pruned tensor, in (layer, q..down) order.
+        masks: {parameter name: bool mask of the weight's shape, True = pruned} where the method keeps
+            them (the gradient probe, iterative runs); empty for :func:`gradprobe.prune`, whose masks
+            are the zeros of the pruned weights (keeping them would cost one byte per weight).
         config: the effective :class:`PruneConfig`.
         layer_seconds: wall time per decoder layer (calibration forwards + selection + propagation).
         nsamples, seqlen: calibration actually used (0 for magnitude, which needs none).
@@ -72,6 +79,31 @@ class PruneReport:
     resumed_layers: list[int] = field(default_factory=list)
     run: dict[str, Any] = field(default_factory=dict)
     zeroshot: dict[str, Any] | None = None  # gradprobe.zeroshot.record(dense=..., pruned=...)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_masks(
+        cls, model: Any, masks: dict[str, torch.Tensor], config: PruneConfig, *, target: float | None = None, **fields_: Any
+    ) -> PruneReport:
+        """The report of ``masks`` ({parameter name: bool mask}) of ``model``'s decoder linears: one row
+        per masked tensor in model order (decoder layer index, the linear's name within the layer)."""
+        from gradprobe.models import get_adapter
+
+        adapter = get_adapter(model)
+        where = {}
+        for i, layer in enumerate(adapter.decoder_layers(model)):
+            for short, lin in adapter.prunable_linears(layer).items():
+                where[id(lin.weight)] = (i, short)
+        rows = []
+        for name, param in model.named_parameters():
+            m = masks.get(name)
+            if m is None:
+                continue
+            layer, short = where.get(id(param), (-1, name))
+            rows.append(TensorRow(layer=layer, name=short, shape=tuple(m.shape), numel=m.numel(),
+                                  pruned=int(m.sum()), target=target, seconds=0.0))
+        return cls(rows=rows, config=config, masks=dict(masks), model_type=getattr(model.config, "model_type", ""),
+                   **fields_)
 
     @property
     def total_params(self) -> int:
