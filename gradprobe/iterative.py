@@ -47,9 +47,9 @@ from gradprobe._checkpoint import (
     tensors_digest,
 )
 from gradprobe.probe import (
+    GradientThreshold,
     ProbeResult,
     SizeAdaptive,
-    Threshold,
     check_threshold,
     probe,
     scale_threshold,
@@ -97,7 +97,7 @@ class ThresholdSearch:
         if isinstance(self.max_trials, bool) or not isinstance(self.max_trials, int) or self.max_trials < 1:
             raise ValueError(f"ThresholdSearch.max_trials must be an int >= 1, got {self.max_trials!r}")
 
-    def trials(self, spec: Threshold) -> list[Threshold]:
+    def trials(self, spec: GradientThreshold) -> list[GradientThreshold]:
         if threshold_is_zero(spec):
             return []
         out = [scale_threshold(spec, self.factor ** j) for j in range(1, self.max_trials)]
@@ -125,7 +125,7 @@ class IterativeResult(PruneReport):
 
     steps: list[StepRecord]
     baseline: float
-    threshold: Threshold
+    threshold: GradientThreshold
     resumed_from: int = -1
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -150,7 +150,7 @@ def _result(model, params, masks, steps, baseline, threshold, resumed_from, prob
                            resumed_from=resumed_from, run={"method": "iterative probe"})
 
 
-def _describe(spec: Threshold) -> str:
+def _describe(spec: GradientThreshold) -> str:
     if isinstance(spec, SizeAdaptive):
         return f"adaptive({spec.tau:g}, n_ref={spec.n_ref})"
     if isinstance(spec, dict):
@@ -193,7 +193,7 @@ def iterative_prune_(
     eval_ids: torch.Tensor | None = None,
     max_metric_drop: float = 0.1,
     higher_is_better: bool = False,
-    gradient_threshold: Threshold = 0.0,
+    gradient_threshold: GradientThreshold = 0.0,
     tune: ThresholdSearch | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     **probe_kwargs: Any,
@@ -377,7 +377,7 @@ class _Checkpoint:
         return state
 
     @staticmethod
-    def encode_threshold(spec: Threshold) -> Any:
+    def encode_threshold(spec: GradientThreshold) -> Any:
         if isinstance(spec, SizeAdaptive):
             return {"adaptive": [spec.tau, spec.n_ref]}
         if isinstance(spec, dict):
@@ -385,7 +385,7 @@ class _Checkpoint:
         return spec
 
     @staticmethod
-    def decode_threshold(obj: Any) -> Threshold:
+    def decode_threshold(obj: Any) -> GradientThreshold:
         if isinstance(obj, dict) and "adaptive" in obj:
             return SizeAdaptive(*obj["adaptive"])
         if isinstance(obj, dict):

@@ -154,7 +154,9 @@ class SizeAdaptive:
             raise ValueError(f"SizeAdaptive.n_ref must be None or a positive int (a tensor size), got {self.n_ref!r}")
 
 
-Threshold = Union[float, Mapping[Any, float], SizeAdaptive]  # noqa: UP007  (runtime alias)
+GradientThreshold = Union[float, Mapping[Any, float], SizeAdaptive]  # noqa: UP007  (runtime alias)
+"""The gradient probe's tolerance tau: one float, a mapping (parameter name, layer index, linear name or
+"default" -> tau) or :class:`SizeAdaptive`. (Not :class:`gradprobe.Threshold`, the exact k-th score of a group.)"""
 
 
 def _check_tau(tau: Any, name: str) -> float:
@@ -166,7 +168,7 @@ def _check_tau(tau: Any, name: str) -> float:
     return tau
 
 
-def check_threshold(spec: Any) -> Threshold:
+def check_threshold(spec: Any) -> GradientThreshold:
     """Validate ``gradient_threshold``: a float >= 0, a mapping, or :class:`SizeAdaptive`."""
     if isinstance(spec, SizeAdaptive):
         return spec
@@ -182,7 +184,7 @@ def check_threshold(spec: Any) -> Threshold:
     return _check_tau(spec, "gradient_threshold")
 
 
-def scale_threshold(spec: Threshold, factor: float) -> Threshold:
+def scale_threshold(spec: GradientThreshold, factor: float) -> GradientThreshold:
     """The threshold spec with every tau multiplied by ``factor`` (used by the threshold search)."""
     if isinstance(spec, SizeAdaptive):
         return SizeAdaptive(spec.tau * factor, spec.n_ref)
@@ -191,7 +193,7 @@ def scale_threshold(spec: Threshold, factor: float) -> Threshold:
     return spec * factor
 
 
-def threshold_is_zero(spec: Threshold) -> bool:
+def threshold_is_zero(spec: GradientThreshold) -> bool:
     if isinstance(spec, SizeAdaptive):
         return spec.tau == 0.0
     if isinstance(spec, Mapping):
@@ -199,7 +201,7 @@ def threshold_is_zero(spec: Threshold) -> bool:
     return spec == 0.0
 
 
-def resolve_threshold(spec: Threshold, name: str, layer: int, linear: str, numel: int, n_max: int) -> float:
+def resolve_threshold(spec: GradientThreshold, name: str, layer: int, linear: str, numel: int, n_max: int) -> float:
     """tau of one tensor. Mapping lookup order: full parameter name, layer index, linear name, "default" (else 0)."""
     if isinstance(spec, SizeAdaptive):
         n_ref = spec.n_ref if spec.n_ref is not None else n_max
@@ -276,7 +278,7 @@ class ProbeResult:
     """
 
     tensors: dict[str, TensorProbe]
-    threshold: Threshold
+    threshold: GradientThreshold
     mode: str
     seconds: float = 0.0
     passes: int = 0
@@ -288,7 +290,7 @@ class ProbeResult:
         """{name: bool mask}: probed tensors, then those restored from the resume checkpoint."""
         return {n: t.mask for n, t in self.tensors.items()} | self.restored
 
-    def apply_(self, threshold: Threshold) -> dict[str, torch.Tensor]:
+    def apply_(self, threshold: GradientThreshold) -> dict[str, torch.Tensor]:
         """Re-decide every tensor from the cached G0/G1 with another threshold (no gradient pass).
 
         Exact for ``mode="model"``. For ``"layerwise"`` it reuses each layer's statistics although
@@ -657,7 +659,7 @@ def _candidates(targets: Sequence[_Target], sparsity: float, method: str, scope:
 
 def _probe_group(runner: _Runner, targets: Sequence[_Target], backward_of_batch: Callable[[int], None],
                  cands: Callable[[], list[tuple[torch.Tensor, _Exact | None]]],
-                 r: float, threshold: Threshold, n_max: int) -> dict[str, TensorProbe]:
+                 r: float, threshold: GradientThreshold, n_max: int) -> dict[str, TensorProbe]:
     """G0 pass, candidates (``cands`` is called after G0, so norm hooks of that pass are complete),
     scale by r, G1 pass, decide + restore + zero. Only ``targets`` require grad meanwhile."""
     params = [t.param for t in targets]
@@ -1022,7 +1024,7 @@ def probe_prune_(
     method: str = "wanda",
     scope: str = "row",
     reduction_factor: float = 0.1,
-    gradient_threshold: Threshold = 0.0,
+    gradient_threshold: GradientThreshold = 0.0,
     mode: str = "layerwise",
     order: str = "reverse",
     target: str = "candidates",
