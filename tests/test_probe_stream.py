@@ -286,7 +286,7 @@ def test_cli_probe_killed_mid_run_resumes_to_identical_weights(tmp_path):
     assert any(bool((p == 0).any()) for n, p in b.named_parameters() if "layers.0." in n)
 
 
-@pytest.mark.parametrize("mode", ["model", "layerwise", "regional"])
+@pytest.mark.parametrize("mode", ["model", "layerwise", pytest.param("regional", marks=SLOW)])
 def test_one_decoder_layer_held_at_a_time(monkeypatch, mode):
     """With the layers living away from the device (forced here: home == device, so every move is a no-op
     and the result must not change), every decoder layer runs inside its own hold and no two are held at
