@@ -15,11 +15,14 @@ iterative runs, the CLI's run settings, the streamed writer and the final output
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +113,27 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path, staging: Path | None = None) -> Iterator[Path]:
+    """A fresh directory to write ``out``'s content into before :func:`publish_dir`: ``staging`` (emptied
+    first) or a new hidden sibling of ``out``; whatever is left of it on exit (an error, or not
+    published) is removed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if staging is None:
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    else:
+        stage = Path(staging)
+        if stage.exists():
+            shutil.rmtree(stage)
+        stage.mkdir(parents=True)
+    try:
+        yield stage
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def publish_dir(stage: Path, out: Path) -> None:

