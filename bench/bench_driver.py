@@ -1,6 +1,21 @@
-"""End-to-end layerwise Wanda: gradprobe.prune vs a Wanda-reference-style implementation.
+"""End-to-end layerwise Wanda: the forward floor ratio, and gradprobe.prune vs a Wanda-reference-style run.
 
-Model: random-weight LlamaForCausalLM with Llama-7B layer shapes (hidden 4096, intermediate 11008,
+``ratio`` (default): exact layerwise Wanda needs two forwards of each decoder layer over the
+calibration set (statistics, then the pruned propagation); everything else should be cheap. On the
+embedded SmolLM2-135M (30 layers, hidden 576, fp32) with ``--nsamples`` x ``--seqlen`` calibration
+tokens it times, in one process on the same data, interleaved for ``--repeats`` rounds:
+
+* floor: the windows embedded once, then each decoder layer run twice over all windows in batches of
+  ``--batch-size`` (the second run's outputs feed the next layer; no copies, no hooks), the layer
+  forward kwargs built once;
+* gradprobe.prune: Wanda 50 % per row with the same calibration and batch size (the CLI default 8);
+
+and reports the medians and the median per-round ratio prune / floor (goal <= 1.15 on the CPU), plus a
+cProfile breakdown of one more prune run (decoder forwards, statistics hooks, selection, mask
+counts, kwargs building, copies, checkpoint/other). Markdown into ``bench/results/driver_ratio.md``
+with the load average before and after.
+
+``reference``: gradprobe.prune vs a Wanda-reference-style implementation. Model: random-weight LlamaForCausalLM with Llama-7B layer shapes (hidden 4096, intermediate 11008,
 32 heads) but only ``--layers`` decoder layers and a small vocabulary; CPU, fp32 by default.
 
 Reference style (https://github.com/locuslab/wanda/blob/main/lib/prune.py, ``prune_wanda``):
@@ -8,8 +23,9 @@ layer-0 inputs caught with a Catcher into buffers sized to the model's maximum c
 (``--max-context``, Llama-2: 4096) although only ``seqlen`` positions are used, fp32 running-mean
 ``scaler_row`` per linear, ``torch.sort`` of every row, then the pruned layer recomputes the outputs.
 
-Usage: python bench/bench_driver.py [--layers 2] [--nsamples 4] [--seqlen 128]
-Prints a Markdown table: wall seconds, peak extra RSS, achieved sparsity, mask agreement.
+Usage: python bench/bench_driver.py [ratio] [--nsamples 16] [--seqlen 256] [--repeats 3] [--layers N]
+       python bench/bench_driver.py reference [--layers 2] [--nsamples 4] [--seqlen 128]
+``reference`` prints a Markdown table: wall seconds, peak extra RSS, achieved sparsity, mask agreement.
 """
 
 from __future__ import annotations
@@ -116,17 +132,194 @@ def reference_style_wanda(model, batches, sparsity: float, max_context: int):
         inps, outs = outs, inps
 
 
+# --------------------------------------------------------------------------------------------------
+# ratio: gradprobe.prune / two dense forwards (the floor)
+# --------------------------------------------------------------------------------------------------
+RATIO_GOAL = 1.15
+RATIO_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "driver_ratio.md")
+
+
+def _loadavg() -> str:
+    try:
+        return "/".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+@torch.no_grad()
+def floor_forwards(model, batches: torch.Tensor, batch_size: int) -> None:
+    """Two dense forwards of every decoder layer over all windows (embedding once, kwargs built once
+    per batch size, no hooks, outputs kept as the batches the layer returned: no copies)."""
+    from gradprobe.models import get_adapter
+
+    ad = get_adapter(model)
+    embed = ad.embed(model)
+    xs = [embed(batches[b0 : b0 + batch_size]) for b0 in range(0, batches.shape[0], batch_size)]
+    kw = {x.shape[0]: ad.layer_forward_kwargs(model, x, layer_idx=0) for x in xs}
+    for layer in ad.decoder_layers(model):
+        for x in xs:  # statistics pass: outputs discarded
+            ad.layer_output(layer(x, **kw[x.shape[0]]))
+        xs = [ad.layer_output(layer(x, **kw[x.shape[0]])) for x in xs]  # propagation
+
+
+def _profile_parts(fn) -> tuple[float, list[tuple[str, float]]]:
+    """(total seconds, [(part, seconds)]) of one ``fn()`` under cProfile (torch CPU ops are
+    synchronous, so an op's time is its caller's)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.runcall(fn)
+    total = time.perf_counter() - t0
+    st = pstats.Stats(prof).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
+
+    def cum(file_end: str, func: str) -> float:
+        return sum(v[3] for k, v in st.items() if k[0].endswith(file_end) and k[2] == func)
+
+    def op_from(op: str, caller_file_end: str, caller_func: str) -> float:
+        """Seconds of builtin ``op`` called directly from the given Python function."""
+        out = 0.0
+        for k, v in st.items():
+            if k[2] == op:
+                for ck, cv in v[4].items():
+                    if ck[0].endswith(caller_file_end) and ck[2] == caller_func:
+                        out += cv[3]
+        return out
+
+    calib = "gradprobe/pipeline/calibration.py"
+    layerwise = "gradprobe/pipeline/layerwise.py"
+    hooks = cum("gradprobe/stats.py", "hook")
+    run_layer = cum(calib, "run_layer")
+    kwargs = cum(calib, "kwargs_for")
+    copies = op_from("<method 'copy_' of 'torch._C.TensorBase' objects>", calib, "run_layer")
+    prune_group = cum(layerwise, "_prune_group")
+    row_counts = cum(layerwise, "_row")
+    capture = cum(calib, "capture_calibration")
+    parts = [
+        ("decoder layer forwards (both passes, hooks excluded)", run_layer - hooks - kwargs - copies),
+        ("statistics hooks (sums of squares, ordered sums)", hooks),
+        ("selection + pruning (mask_fn)", prune_group - row_counts),
+        ("pruned-count of each mask (report rows)", row_counts),
+        ("forward kwargs (rotary, causal mask) incl. cache lookups", kwargs),
+        ("copies of layer outputs into the activation buffer", copies),
+        ("embedding capture", capture),
+    ]
+    parts.append(("other (setup, checkpoint, per-layer overheads)", total - sum(v for _, v in parts)))
+    return total, parts
+
+
+def ratio_main(a) -> None:
+    import statistics
+
+    from gradprobe.data import calibration_batches
+    from gradprobe.embedded import load_default_model
+
+    torch.manual_seed(0)
+    model, tok = load_default_model()
+    if a.layers is not None:  # a shorter model for quick checks (the ratio is per layer anyway)
+        del model.model.layers[a.layers :]
+        model.config.num_hidden_layers = a.layers
+    batches = calibration_batches(tok, nsamples=a.nsamples, seqlen=a.seqlen, seed=0)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = gradprobe.PruneConfig(sparsity=0.5, batch_size=a.batch_size, progress=False)
+
+    def floor() -> None:
+        floor_forwards(model, batches, a.batch_size)
+
+    def prune() -> None:
+        gradprobe.prune(model, batches, cfg)
+
+    def timed(fn) -> float:
+        model.load_state_dict(dense)
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    load_before = _loadavg()
+    for _ in range(a.warmup):
+        timed(floor), timed(prune)
+    floors, prunes, ratios = [], [], []
+    for r in range(a.repeats):  # interleaved, the order alternating, so drifting load hits both alike
+        if r % 2:
+            p, f = timed(prune), timed(floor)
+        else:
+            f, p = timed(floor), timed(prune)
+        floors.append(f)
+        prunes.append(p)
+        ratios.append(p / f)
+        print(f"round {r}: floor {f:.2f} s, prune {p:.2f} s, ratio {p / f:.3f} (load {_loadavg()})", flush=True)
+    model.load_state_dict(dense)
+    prof_total, parts = _profile_parts(prune)
+    load_after = _loadavg()
+    med_f, med_p, med_r = statistics.median(floors), statistics.median(prunes), statistics.median(ratios)
+
+    from _harness import machine_info, target_line
+
+    info = machine_info("cpu")
+    lines = [
+        "# gradprobe.prune / two dense forwards (the floor)",
+        "",
+        f"Embedded SmolLM2-135M ({len(model.model.layers)} layers, hidden {model.config.hidden_size}, "
+        f"fp32), calibration {a.nsamples} x {a.seqlen} tokens, batch size {a.batch_size}, Wanda 50 % row; "
+        f"CPU {info['machine']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch_version']}, "
+        f"gradprobe {info['git_sha']}.",
+        f"Load average (1/5/15 min) before: {load_before}, after: {load_after}. "
+        f"`python bench/bench_driver.py ratio --repeats {a.repeats}`.",
+        "",
+        "| round | floor s | prune s | prune / floor |",
+        "|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {r} | {f:.2f} | {p:.2f} | {p / f:.3f} |" for r, (f, p) in enumerate(zip(floors, prunes, strict=True))]
+    lines += [
+        f"| **median** | **{med_f:.2f}** | **{med_p:.2f}** | **{med_r:.3f}** |",
+        "",
+        target_line("median prune / floor", med_r, RATIO_GOAL, at_most=True),
+        "",
+        f"Profile of one more prune run (cProfile, {prof_total:.2f} s; the floor's median is {med_f:.2f} s):",
+        "",
+        "| part | s | share of prune | / floor median |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {name} | {v:.2f} | {v / prof_total:.1%} | {v / med_f:.3f} |" for name, v in parts]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        tmp = a.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, a.out)  # atomic: a reader never sees half a table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--nsamples", type=int, default=4)
-    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("mode", nargs="?", choices=["ratio", "reference"], default="ratio")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (reference: 2; ratio: all 30)")
+    ap.add_argument("--nsamples", type=int, default=None, help="reference: 4; ratio: 16")
+    ap.add_argument("--seqlen", type=int, default=None, help="reference: 128; ratio: 256")
+    ap.add_argument("--batch-size", type=int, default=8, help="ratio: windows per layer forward (CLI default)")
+    ap.add_argument("--repeats", type=int, default=3, help="ratio: interleaved timed rounds")
+    ap.add_argument("--warmup", type=int, default=1, help="ratio: untimed rounds first")
+    ap.add_argument("--out", default=RATIO_MD, help="ratio: Markdown output ('' = stdout only)")
     ap.add_argument("--max-context", type=int, default=4096)
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.mode == "ratio":
+        a.nsamples = a.nsamples or 16
+        a.seqlen = a.seqlen or 256
+        ratio_main(a)
+    else:
+        a.layers = a.layers or 2
+        a.nsamples = a.nsamples or 4
+        a.seqlen = a.seqlen or 128
+        reference_main(a)
+
+
+def reference_main(a) -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     model = build(a.layers, dtype, a.max_context)
     dense = {k: v.clone() for k, v in model.state_dict().items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Hashable
 from typing import Any
 
 import torch
@@ -105,6 +106,11 @@ class ModelAdapter:
         from transformers.masking_utils import create_causal_mask
 
         return create_causal_mask
+
+    def kwargs_key(self, model: nn.Module, layer_idx: int) -> Hashable:
+        """Layers with equal keys take identical :meth:`layer_forward_kwargs` (for the same hidden
+        shape): the mask factory, since the rotary embedding is the backbone's one module."""
+        return self.mask_builder(model, layer_idx)
 
     def layer_forward_kwargs(
         self,

@@ -3,8 +3,8 @@
 * :func:`capture_calibration` embeds the windows once: the inputs of decoder layer 0,
   (nsamples, seqlen, hidden) in the model's dtype on the run's device.
 * :meth:`Calibration.run_layer` runs one decoder layer over every window (dense statistics pass or
-  pruned propagation) with the per-layer forward kwargs (position embeddings, causal mask) built
-  once per (layer, batch size) and reused.
+  pruned propagation) with the forward kwargs (position embeddings, causal mask) built once per
+  (attention kind, batch size) and reused by every layer of that kind.
 * :meth:`Calibration.layer_stats` collects the input statistics of a layer's linears
   (:mod:`gradprobe.stats` is the only collector); :meth:`Calibration.head_stats` those of lm_head.
 * :func:`on_device` holds one layer on the device while it runs.
@@ -45,7 +45,7 @@ class Calibration:
     adapter: ModelAdapter
     inputs: torch.Tensor
     batch_size: int
-    _kwargs: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict, repr=False)
+    _kwargs: dict[tuple[Any, int], dict[str, Any]] = field(default_factory=dict, repr=False)
 
     @property
     def nsamples(self) -> int:
@@ -56,8 +56,9 @@ class Calibration:
         return self.inputs.shape[1]
 
     def kwargs_for(self, layer_idx: int, bsz: int) -> dict[str, Any]:
-        """Forward kwargs of decoder layer ``layer_idx`` for a batch of ``bsz`` windows (cached)."""
-        key = (layer_idx, bsz)
+        """Forward kwargs of decoder layer ``layer_idx`` for a batch of ``bsz`` windows (cached; layers
+        with the same :meth:`ModelAdapter.kwargs_key` share one build, as the model's own forward does)."""
+        key = (self.adapter.kwargs_key(self.model, layer_idx), bsz)
         if key not in self._kwargs:
             self._kwargs[key] = self.adapter.layer_forward_kwargs(
                 self.model, self.inputs[:bsz], None, None, layer_idx=layer_idx
