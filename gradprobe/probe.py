@@ -659,25 +659,35 @@ def _candidates(targets: Sequence[_Target], sparsity: float, method: str, scope:
 
 def _probe_group(runner: _Runner, targets: Sequence[_Target], backward_of_batch: Callable[[int], None],
                  cands: Callable[[], list[tuple[torch.Tensor, _Exact | None]]],
-                 r: float, threshold: GradientThreshold, n_max: int) -> dict[str, TensorProbe]:
+                 r: float, threshold: GradientThreshold, n_max: int,
+                 after_g0: Callable[[list, list[torch.Tensor]], None] | None = None,
+                 g0_state: tuple[list, list[torch.Tensor]] | None = None) -> dict[str, TensorProbe]:
     """G0 pass, candidates (``cands`` is called after G0, so norm hooks of that pass are complete),
-    scale by r, G1 pass, decide + restore + zero. Only ``targets`` require grad meanwhile."""
+    scale by r, G1 pass, decide + restore + zero. Only ``targets`` require grad meanwhile.
+
+    ``after_g0(chosen, g0c)`` sees the candidates and their fp32 G0 (a checkpoint); ``g0_state`` = such a
+    (chosen, g0c) pair skips the G0 pass (a resumed run)."""
     params = [t.param for t in targets]
     for p in params:
         p.requires_grad_(True)
     try:
-        g0 = runner.grad_pass(params, backward_of_batch)
-        chosen = cands()
-        masks = [m for m, _ in chosen]
+        if g0_state is None:
+            g0 = runner.grad_pass(params, backward_of_batch)
+            chosen = cands()
+            with torch.no_grad():
+                g0c = [g[m].to(torch.float32) for g, (m, _) in zip(g0, chosen, strict=True)]
+            del g0
+            if after_g0 is not None:
+                after_g0(chosen, g0c)
+        else:
+            chosen, g0c = g0_state
         backups = []
         with torch.no_grad():
-            for p, m in zip(params, masks, strict=True):
+            for p, (m, _) in zip(params, chosen, strict=True):
                 b = p.data[m]  # the only copy the probe keeps: original candidate values
                 backups.append(b)
                 runner.changed.append((p, m, b))  # before the write: an error inside it is undone too
                 p.data.masked_scatter_(m, b * r)
-            g0c = [g[m].to(torch.float32) for g, m in zip(g0, masks, strict=True)]
-            del g0
         g1 = runner.grad_pass(params, backward_of_batch)
     finally:
         for p in params:
@@ -753,7 +763,7 @@ def _probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spa
     # the steps, in probe order: model mode is one step of every tensor; layerwise / regional one per layer
     live = [i for i, g in enumerate(groups) if g]
     seq = [-1] if mode == "model" else (live[::-1] if order == "reverse" else live)
-    steps = [all_targets] if mode == "model" else [groups[i] for i in seq]
+    steps = [all_targets, all_targets] if mode == "model" else [groups[i] for i in seq]
     resume = None
     if a["resume_dir"] is not None:
         identity = {"probe": {k: repr(v) for k, v in info.items()} | {"mode": mode, "threshold": repr(threshold),
@@ -780,14 +790,16 @@ def _probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spa
             p.requires_grad_(False)
         done = resume.done(steps) if resume is not None else 0
         info["resumed_layers"] = sorted({t.layer for st in steps[:done] for t in st})
-        if mode == "model":
-            if done:
-                restored = resume.restore(steps, runner)
+        if mode == "model":  # steps: 0 = candidates and G0 (after the G0 pass), 1 = the pruned weights
+            if done == 2:
+                restored = resume.restore(steps[:2], runner, final=1)
             else:
+                info["resumed_layers"] = []
+                info["resumed_g0"] = done == 1
                 tensors = _probe_model(runner, all_targets, live, cand_s, method, scope, norms, r, threshold, n_max,
-                                       exact)
+                                       exact, resume, done)
                 if resume is not None:
-                    resume.save(0, all_targets, {n: t.mask for n, t in tensors.items()}, time.perf_counter() - start)
+                    resume.save(1, all_targets, {n: t.mask for n, t in tensors.items()}, time.perf_counter() - start)
         else:
             tensors, restored = _probe_layerwise(runner, groups, seq, done, batch_list, cand_s, method, scope, order,
                                                  norms, r, threshold, n_max, a["progress"], exact=exact,
@@ -804,11 +816,18 @@ def _probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spa
     return ProbeResult(tensors, threshold, mode, time.perf_counter() - start, runner.passes, info, restored)
 
 
-def _probe_model(runner: _Runner, all_targets, live, cand_s, method, scope, norms, r, threshold, n_max, exact):
+def _probe_model(runner: _Runner, all_targets, live, cand_s, method, scope, norms, r, threshold, n_max, exact,
+                 resume=None, done=0):
     """Model mode: one G0 and one G1 pass of the full model loss for every probed tensor. Streamed with
-    the layers away from the device: the running |grad| maxima wait on the host between batches."""
+    the layers away from the device: the running |grad| maxima wait on the host between batches.
+    ``resume``: step 0 (candidates + G0) is checkpointed after the G0 pass; ``done == 1`` resumes from it."""
+    g0_state = resume.g0_state(all_targets, runner.home) if done else None
+    after_g0 = None
+    if resume is not None and not done:
+        def after_g0(chosen, g0c):
+            resume.save_g0(all_targets, chosen, g0c)
     collector = (_Norms(all_targets, runner.device, lambda: not runner.streamer.recomputing)
-                 if (method == "wanda" and norms is None) else None)
+                 if (method == "wanda" and norms is None and g0_state is None) else None)
     got: dict[str, torch.Tensor] = {}
 
     def cands():
@@ -821,7 +840,7 @@ def _probe_model(runner: _Runner, all_targets, live, cand_s, method, scope, norm
         runner.park = runner.home
     try:
         return _probe_group(runner, all_targets, lambda b: runner.model_backward(b, min(live)), cands, r, threshold,
-                            n_max)
+                            n_max, after_g0, g0_state)
     finally:
         runner.park = None
         if collector is not None:
@@ -861,14 +880,16 @@ class _Resume:
             n += 1
         return n
 
-    def restore(self, steps: Sequence[Sequence[_Target]], runner: _Runner) -> dict[str, torch.Tensor]:
-        """Copy the pruned weights of ``steps`` (finished ones) into the model; returns their masks.
+    def restore(self, steps: Sequence[Sequence[_Target]], runner: _Runner, final: int = 0) -> dict[str, torch.Tensor]:
+        """Copy the pruned weights of ``steps[final:]`` (finished ones) into the model; returns their masks.
         The dense values they replace go to ``runner.changed`` (undone on an error)."""
         masks: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for pos, targets in enumerate(steps):
                 if not self.state.finished(pos):
                     raise ValueError(f"resume_dir {str(self.state.dir)!r}: step {pos} has no verified checkpoint")
+                if pos < final:
+                    continue
                 saved = self.state.tensors("layer", pos)
                 for t in targets:
                     m = saved[t.name + ".mask"].to(t.param.device)
@@ -876,6 +897,35 @@ class _Resume:
                     t.param.data.copy_(saved[t.name])
                     masks[t.name] = m
         return masks
+
+    def save_g0(self, targets: Sequence[_Target], chosen: list, g0c: list[torch.Tensor]) -> None:
+        """Model mode, step 0: each tensor's candidates (bool), their fp32 G0 and, for target="exact",
+        the plan (scores; count and per-row flag as an int64 pair)."""
+        from gradprobe.report import TensorRow
+
+        tensors, rows = {}, []
+        for t, (m, plan), g in zip(targets, chosen, g0c, strict=True):
+            tensors[t.name + ".candidates"] = m
+            tensors[t.name + ".g0"] = g
+            if plan is not None:
+                tensors[t.name + ".score"] = plan.score
+                tensors[t.name + ".plan"] = torch.tensor([plan.count, int(plan.per_row)], dtype=torch.int64)
+            rows.append(TensorRow(layer=t.layer, name=t.name, shape=tuple(t.param.shape), numel=t.param.numel(),
+                                  pruned=int(m.sum()), target=self.sparsity, seconds=0.0))
+        self.state.mark("layer", 0, tensors, rows, 0.0)
+
+    def g0_state(self, targets: Sequence[_Target], device: torch.device) -> tuple[list, list[torch.Tensor]]:
+        """What :meth:`save_g0` saved, as ``_probe_group``'s (chosen, g0c) on ``device``."""
+        saved = self.state.tensors("layer", 0)
+        chosen, g0c = [], []
+        for t in targets:
+            plan = None
+            if t.name + ".plan" in saved:
+                count, per_row = (int(v) for v in saved[t.name + ".plan"])
+                plan = _Exact(count, bool(per_row), saved[t.name + ".score"].to(device))
+            chosen.append((saved[t.name + ".candidates"].to(device), plan))
+            g0c.append(saved[t.name + ".g0"].to(device))
+        return chosen, g0c
 
     def save(self, pos: int, targets: Sequence[_Target], masks: Mapping[str, torch.Tensor], seconds: float) -> None:
         """Checkpoint step ``pos``: the pruned weights (as they are in the model now) and masks."""

@@ -2,7 +2,8 @@
 
 The run holds one decoder layer at a time on ``--device`` (the model stays where it was loaded) and
 checkpoints each finished step in the run's partial directory (:func:`gradprobe.probe.probe`'s
-``resume_dir``): a decoder layer in layerwise / regional mode, the whole probe in model mode. A killed
+``resume_dir``): a decoder layer in layerwise / regional mode; in model mode the G0 pass (candidates and
+their G0) and then the result. A killed
 run rerun with the same command restores the finished steps and continues; its final weights equal an
 uninterrupted run's.
 """
@@ -92,6 +93,8 @@ def run(args: Any, model, batches, config, directory: Path):
         order=args.probe_order, target=args.probe_target, candidate_sparsity=args.candidate_sparsity, progress=True,
         device=config.device, resume_dir=directory,
     )
+    if res.info.get("resumed_g0"):
+        print(f"restored the probe's G0 pass from the checkpoint in {directory}", flush=True)
     masks = res.masks
     rows = []
     for name, _ in model.named_parameters():

@@ -184,11 +184,12 @@ class _Stop(Exception):
     pytest.param(dict(mode="layerwise", order="reverse"), id="layerwise-reverse"),
     pytest.param(dict(mode="regional", order="forward"), id="regional-forward", marks=SLOW),
     pytest.param(dict(mode="layerwise", order="forward", scope="global"), id="layerwise-forward-global", marks=SLOW),
-    pytest.param(dict(mode="model"), id="model", marks=SLOW)])
+    pytest.param(dict(mode="model"), id="model", marks=SLOW),
+    pytest.param(dict(mode="model", target="exact", scope="layer"), id="model-exact", marks=SLOW)])
 def test_interrupted_probe_resumes_to_the_same_weights(tmp_path, monkeypatch, kw):
-    """Stopped after the first checkpointed step (an exception: the model is dense again), rerun with the
-    same resume_dir on the dense model: the finished steps are restored, the rest probed, and the weights
-    equal an uninterrupted run's."""
+    """Stopped after the first checkpoint (a layer; model mode: the G0 pass) by an exception (the model is
+    dense again), rerun with the same resume_dir on the dense model: the finished part is restored, the
+    rest probed, and the weights equal an uninterrupted run's; a third run restores everything."""
     from gradprobe import probe as probe_mod
 
     batches = random_batches(2, 12, seed=11)
@@ -196,29 +197,24 @@ def test_interrupted_probe_resumes_to_the_same_weights(tmp_path, monkeypatch, kw
     ref = copy.deepcopy(dense)
     want = probe(ref, batches, 0.5, **kw)
 
-    real_save, saves = probe_mod._Resume.save, []
+    name = "save_g0" if kw["mode"] == "model" else "save"
+    real = getattr(probe_mod._Resume, name)
 
-    def save_then_stop(self, pos, *a, **k):
-        real_save(self, pos, *a, **k)
-        saves.append(pos)
-        if kw["mode"] != "model":
-            raise _Stop
+    def save_then_stop(self, *a, **k):
+        real(self, *a, **k)
+        raise _Stop
 
-    monkeypatch.setattr(probe_mod._Resume, "save", save_then_stop)
+    monkeypatch.setattr(probe_mod._Resume, name, save_then_stop)
     first = copy.deepcopy(dense)
-    if kw["mode"] == "model":
+    with pytest.raises(_Stop):
         probe(first, batches, 0.5, resume_dir=tmp_path, **kw)
-    else:
-        with pytest.raises(_Stop):
-            probe(first, batches, 0.5, resume_dir=tmp_path, **kw)
-        assert all(torch.equal(p, q) for p, q in zip(first.parameters(), dense.parameters(), strict=True))
-    monkeypatch.setattr(probe_mod._Resume, "save", real_save)
+    assert all(torch.equal(p, q) for p, q in zip(first.parameters(), dense.parameters(), strict=True))
+    monkeypatch.setattr(probe_mod._Resume, name, real)
 
     again = copy.deepcopy(dense)
     got = probe(again, batches, 0.5, resume_dir=tmp_path, **kw)
-    assert saves == [0]
     if kw["mode"] == "model":
-        assert got.passes == 0 and got.info["resumed_layers"] == [0, 1]
+        assert got.passes == 1 and got.info["resumed_g0"] and got.info["resumed_layers"] == []
     else:
         first_layer = 1 if kw["order"] == "reverse" else 0
         assert got.info["resumed_layers"] == [first_layer] and got.passes == 2
@@ -226,6 +222,11 @@ def test_interrupted_probe_resumes_to_the_same_weights(tmp_path, monkeypatch, kw
         assert torch.equal(p, q), n
     assert got.masks.keys() == want.masks.keys()
     assert all(torch.equal(got.masks[n], want.masks[n]) for n in want.masks)
+
+    third = copy.deepcopy(dense)
+    done = probe(third, batches, 0.5, resume_dir=tmp_path, **kw)
+    assert done.passes == 0 and done.info["resumed_layers"] == [0, 1]
+    assert all(torch.equal(p, q) for p, q in zip(third.parameters(), ref.parameters(), strict=True))
 
 
 def test_resume_dir_rejects_another_run_or_a_changed_model(tmp_path):
@@ -245,15 +246,17 @@ KILL_AFTER_SAVES = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from gradprobe import cli, probe
 
-    n, real = {n}, probe._Resume.save
+    n = {n}
 
-    def save(self, *a, **k):
-        real(self, *a, **k)
-        if len(self.state.state["finished"]) == n:
-            os.kill(os.getpid(), signal.SIGKILL)
+    def wrap(real):
+        def save(self, *a, **k):
+            real(self, *a, **k)
+            if len(self.state.state["finished"]) == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return save
 
     if n:
-        probe._Resume.save = save
+        probe._Resume.save, probe._Resume.save_g0 = wrap(probe._Resume.save), wrap(probe._Resume.save_g0)
     raise SystemExit(cli.main({argv!r}))
 """)
 
@@ -265,20 +268,26 @@ def _cli_run(argv, kill_after: int) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow  # three subprocesses, each importing torch and transformers (~10 s each on 2 cores)
-def test_cli_probe_killed_mid_run_resumes_to_identical_weights(tmp_path):
+@pytest.mark.parametrize("mode", ["layerwise", "model"])
+def test_cli_probe_killed_mid_run_resumes_to_identical_weights(tmp_path, mode):
+    """layerwise: killed after 2 of 3 layers are checkpointed; model: after the G0 pass is checkpointed."""
     from transformers import AutoModelForCausalLM
 
     model_dir, text = save_tiny_checkpoint(tmp_path / "src", num_layers=3)
-    extra = ("--no-eval", "--no-plot", "--probe", "--probe-mode", "layerwise", "--device", "cpu", "--resume")
+    extra = ("--no-eval", "--no-plot", "--probe", "--probe-mode", mode, "--device", "cpu", "--resume")
     ref_out, out = tmp_path / "ref", tmp_path / "out"
     done = _cli_run(prune_argv(model_dir, text, ref_out, *extra), 0)
     assert done.returncode == 0, done.stderr
-    killed = _cli_run(prune_argv(model_dir, text, out, *extra), 2)  # after 2 of 3 layers are checkpointed
+    killed = _cli_run(prune_argv(model_dir, text, out, *extra), 2 if mode == "layerwise" else 1)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not out.exists()
     again = _cli_run(prune_argv(model_dir, text, out, *extra), 0)
     assert again.returncode == 0, again.stderr
-    assert "resuming the interrupted run" in again.stdout and "restored from the checkpoint: layers [1, 2]" in again.stdout
+    assert "resuming the interrupted run" in again.stdout
+    if mode == "layerwise":
+        assert "restored from the checkpoint: layers [1, 2]" in again.stdout
+    else:
+        assert "restored the probe's G0 pass from the checkpoint" in again.stdout
     a = AutoModelForCausalLM.from_pretrained(ref_out)
     b = AutoModelForCausalLM.from_pretrained(out)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
