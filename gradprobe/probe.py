@@ -46,7 +46,7 @@ backward; the gradients equal the whole graph's bit for bit on the CPU). With ``
 than where the model lives, each decoder layer (and the embedding, the head) is moved to the device
 only while it runs, so the device holds about one layer + the boundary activations of one batch +
 lm_head and its logits (``bench/bench_probe_memory.py``). ``resume_dir`` checkpoints every finished
-layer (the whole probe in model mode) so that an interrupted run continues where it stopped.
+layer (model mode: the G0 pass, then the result) so that an interrupted run continues where it stopped.
 
 Gradient statistics are accumulated on the device as gradients arrive (a post-accumulate-grad hook
 calling ``gradprobe::probe_accumulate_``; the ``.grad`` is dropped at once), so at most one gradient
@@ -1124,10 +1124,11 @@ def probe_prune_(
             gradients as the whole graph, bit for bit on the CPU; peak memory about one layer + the
             boundary activations of one batch + the head). False: one graph of the whole model (or tail),
             which needs ``device`` None or the model's device.
-        resume_dir: checkpoint directory: each finished step (a decoder layer in layerwise / regional
-            mode, the whole probe in model mode) is saved there (pruned weights and masks, checksummed),
-            and a rerun with the same arguments on the same dense model restores the finished steps and
-            continues; the result equals an uninterrupted run's.
+        resume_dir: checkpoint directory: each finished step is saved there, checksummed (layerwise /
+            regional: each decoder layer's pruned weights and masks; model mode: the candidates and their
+            G0 after the G0 pass, then the pruned weights and masks), and a rerun with the same arguments
+            on the same dense model restores the finished steps and continues; the result equals an
+            uninterrupted run's.
 
     Returns:
         {parameter name: bool mask of the weight's shape, True = pruned}.
