@@ -66,7 +66,7 @@ def _owl(model, batches, target: str) -> float:
 
 
 def _probe(model, batches, target: str, mode: str) -> float:
-    masks = gradprobe.probe_prune_(model, batches, float(target), mode=mode, target="exact")
+    masks = gradprobe.probe_prune_(model, batches, float(target), mode=mode, target="exact").masks
     return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
 
 

@@ -10,6 +10,7 @@ from gradprobe.api import prune  # noqa: E402
 from gradprobe.config import PruneConfig  # noqa: E402
 from gradprobe.pack import pack_24, unpack_24
 from gradprobe.probe import probe_prune_  # noqa: E402
+from gradprobe.report import PruneReport  # noqa: E402
 from gradprobe.select import (
     Threshold,
     global_prune_,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PruneConfig",
+    "PruneReport",
     "prune",
     "probe_prune_",
     "Threshold",

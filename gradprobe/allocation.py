@@ -492,7 +492,7 @@ def owl_from_model(
     """
     check_owl(target, m, lam, mapping)
     from gradprobe.models import get_adapter
-    from gradprobe.ops.reference import score
+    from gradprobe.select import score
     from gradprobe.pipeline.calibration import dense_norms
 
     norms = dense_norms(model, batches, config)

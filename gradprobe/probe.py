@@ -83,6 +83,7 @@ from torch import nn
 from gradprobe import distributed
 from gradprobe._checkpoint import batches_digest
 from gradprobe.pipeline.backward import StreamedBackward, held_on
+from gradprobe.report import PruneReport
 from gradprobe.select import check_sparsity, global_prune_masks, num_pruned, prune_mask
 from gradprobe.stats import ChannelStats
 
@@ -302,6 +303,19 @@ class ProbeResult:
             t.apply_(resolve_threshold(threshold, t.name, t.layer, t.linear, t.param.numel(), n_max))
         self.threshold = threshold
         return self.masks
+
+    def report(self, model: nn.Module) -> PruneReport:
+        """This run as the one result type: :class:`gradprobe.report.PruneReport` of :attr:`masks`."""
+        from gradprobe.config import PruneConfig
+
+        a = self.info
+        sparsity = a.get("sparsity", 0.0)
+        config = PruneConfig(method=a.get("method", "wanda"), sparsity=sparsity, scope=a.get("scope", "row"),
+                             progress=False)
+        run = {"method": "gradient probe", "probe": {"mode": self.mode} | {
+            k: a[k] for k in ("target", "candidate_sparsity", "reduction_factor", "order") if k in a}}
+        return PruneReport.from_masks(model, self.masks, config, target=sparsity, seconds=self.seconds, run=run,
+                                      resumed_layers=list(self.info.get("resumed_layers", [])))
 
     def restore_(self) -> None:
         """Undo the probe: every candidate gets its original value back."""
@@ -1087,7 +1101,7 @@ def probe_prune_(
     device: torch.device | str | None = None,
     streamed: bool = True,
     resume_dir: str | os.PathLike | None = None,
-) -> dict[str, torch.Tensor]:
+) -> PruneReport:
     """Prune the decoder linears of ``model`` in place with the gradient probe (module docstring).
 
     Args:
@@ -1131,12 +1145,14 @@ def probe_prune_(
             uninterrupted run's.
 
     Returns:
-        {parameter name: bool mask of the weight's shape, True = pruned}.
+        :class:`gradprobe.report.PruneReport`: ``masks`` = {parameter name: bool mask of the weight's
+        shape, True = pruned}; ``rows`` = one per probed tensor; ``resumed_layers``, ``seconds``.
+        :func:`probe` returns the :class:`ProbeResult` with the cache for threshold tuning.
 
     Raises:
         ValueError / TypeError for bad arguments, before the model is touched.
     """
-    return probe(**locals()).masks  # locals() here: exactly the arguments
+    return probe(**locals()).report(model)  # locals() here: exactly the arguments
 
 
 _SIGNATURE = inspect.signature(probe_prune_)  # bound by probe(): the arguments, whoever replaces the name

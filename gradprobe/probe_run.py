@@ -11,7 +11,6 @@ uninterrupted run's.
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -83,7 +82,6 @@ def run(args: Any, model, batches, config, directory: Path):
     result described as a :class:`gradprobe.report.PruneReport` (one row per probed tensor, in model order;
     ``resumed_layers``: the layers restored from the checkpoint)."""
     from gradprobe import probe as probe_mod
-    from gradprobe.report import PruneReport, TensorRow
 
     t0 = time.perf_counter()
     tau = probe_mod.SizeAdaptive(args.gradient_threshold) if args.adaptive_threshold else args.gradient_threshold
@@ -95,15 +93,7 @@ def run(args: Any, model, batches, config, directory: Path):
     )
     if res.info.get("resumed_g0"):
         print(f"restored the probe's G0 pass from the checkpoint in {directory}", flush=True)
-    masks = res.masks
-    rows = []
-    for name, _ in model.named_parameters():
-        m = masks.get(name)
-        if m is None:
-            continue
-        layer = re.search(r"layers\.(\d+)\.", name)
-        rows.append(TensorRow(layer=int(layer.group(1)) if layer else -1, name=name, shape=tuple(m.shape),
-                              numel=m.numel(), pruned=int(m.sum()), target=config.sparsity, seconds=0.0))
-    return PruneReport(rows=rows, config=config, nsamples=int(batches.shape[0]), seqlen=int(batches.shape[-1]),
-                       seconds=time.perf_counter() - t0, model_type=model.config.model_type,
-                       resumed_layers=list(res.info.get("resumed_layers", [])))
+    report = res.report(model)  # rows in the pipeline's (layer, linear) naming, masks by parameter name
+    report.config, report.seconds = config, time.perf_counter() - t0
+    report.nsamples, report.seqlen = int(batches.shape[0]), int(batches.shape[-1])
+    return report

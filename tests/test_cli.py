@@ -274,7 +274,7 @@ def test_prune_with_probe_equals_probe_prune_(workspace, tmp_path, capsys):
     batches = calibration_batches(tok, str(text), nsamples=4, seqlen=32, seed=0)
     masks = gradprobe.probe_prune_(
         ref, batches, 0.5, method="wanda", scope="row", reduction_factor=0.2, gradient_threshold=0.1, mode="model"
-    )
+    ).masks
     for (name, p), (_, q) in zip(pruned.named_parameters(), ref.named_parameters(), strict=True):
         assert torch.equal(p, q), name
     report = json.loads((out / "prune_report.json").read_text())

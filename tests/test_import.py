@@ -147,7 +147,6 @@ _PACKAGE = ROOT / "gradprobe"
 # gradprobe/ops/__init__.py imports it to register the reference backend (the fallback); the reference
 # itself is the oracle. Every other module must reach the ops through torch.ops.gradprobe.
 _MAY_IMPORT_REFERENCE = {"ops/__init__.py", "ops/reference.py"}
-_PENDING = {"allocation.py": "OWL scores: switch to gradprobe.select.score (owned by the allocation work)"}
 
 
 def _imports_reference(path: pathlib.Path, package: tuple[str, ...] | None = None) -> list[int]:
@@ -179,14 +178,7 @@ def _imports_reference(path: pathlib.Path, package: tuple[str, ...] | None = Non
 _MODULES = sorted(str(p.relative_to(_PACKAGE)) for p in _PACKAGE.rglob("*.py"))
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=_PENDING[m])) if m in _PENDING else m
-        for m in _MODULES
-        if m not in _MAY_IMPORT_REFERENCE
-    ],
-)
+@pytest.mark.parametrize("module", [m for m in _MODULES if m not in _MAY_IMPORT_REFERENCE])
 def test_production_code_never_imports_the_reference(module):
     lines = _imports_reference(_PACKAGE / module)
     assert not lines, (

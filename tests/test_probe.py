@@ -118,7 +118,7 @@ def test_model_mode_equals_reference(batches, method, scope):
     model, ref = tiny_llama(), tiny_llama()
     dense = {n: w.detach().clone() for n, w in weights(model).items()}
     masks = gradprobe.probe_prune_(model, batches, 0.5, method=method, scope=scope, mode="model",
-                                   gradient_threshold=0.05)
+                                   gradient_threshold=0.05).masks
     want = ref_probe_group(ref, list(weights(ref)), list(batches), 0.5, method, scope, 0.1, 0.05)
     assert set(masks) == set(want)
     for n in want:
@@ -136,7 +136,7 @@ def test_every_backend_runs_the_probe_identically(batches, backend, device):
     """The hook's accumulation and the fused decide + restore + zero, end to end, on each backend."""
     model, ref = tiny_llama().to(device), tiny_llama()
     with with_backend(backend):
-        masks = gradprobe.probe_prune_(model, [b.to(device) for b in batches], 0.5, mode="model")
+        masks = gradprobe.probe_prune_(model, [b.to(device) for b in batches], 0.5, mode="model").masks
     want = ref_probe_group(ref, list(weights(ref)), list(batches), 0.5, "wanda", "row", 0.1, 0.0)
     for n in want:
         assert torch.equal(masks[n].cpu(), want[n]), n
@@ -147,7 +147,7 @@ def test_every_backend_runs_the_probe_identically(batches, backend, device):
                                                 ("reverse", "magnitude", "global"), ("forward", "wanda", "global")])
 def test_layerwise_equals_reference(batches, order, method, scope):
     model, ref = tiny_llama(num_layers=3, hidden=32, intermediate=64), tiny_llama(num_layers=3, hidden=32, intermediate=64)
-    masks = gradprobe.probe_prune_(model, batches, 0.6, method=method, scope=scope, mode="layerwise", order=order)
+    masks = gradprobe.probe_prune_(model, batches, 0.6, method=method, scope=scope, mode="layerwise", order=order).masks
     ws = weights(ref)
     cands = None
     if scope == "global":  # chosen once from the dense model
@@ -174,7 +174,7 @@ def test_same_batches_for_g0_and_g1_and_user_loss(batches):
         return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
     model, ref = tiny_mistral(), tiny_mistral()
-    masks = gradprobe.probe_prune_(model, batches, 0.5, method="magnitude", mode="model", loss=loss)
+    masks = gradprobe.probe_prune_(model, batches, 0.5, method="magnitude", mode="model", loss=loss).masks
     assert len(seen) == 2 * len(batches)
     for i, b in enumerate(seen):
         assert torch.equal(b, batches[i % len(batches)].unsqueeze(0))
@@ -186,8 +186,8 @@ def test_same_batches_for_g0_and_g1_and_user_loss(batches):
 def test_layerwise_tail_forward_matches_full_model(batches):
     """Layerwise from layer 0 (cached embeddings) gives the same decisions as model mode for 1 layer."""
     a, b = tiny_llama(num_layers=1), tiny_llama(num_layers=1)
-    ma = gradprobe.probe_prune_(a, batches, 0.5, mode="layerwise", method="wanda")
-    mb = gradprobe.probe_prune_(b, batches, 0.5, mode="model", method="wanda")
+    ma = gradprobe.probe_prune_(a, batches, 0.5, mode="layerwise", method="wanda").masks
+    mb = gradprobe.probe_prune_(b, batches, 0.5, mode="model", method="wanda").masks
     for n in ma:
         assert torch.equal(ma[n], mb[n]), n
 
@@ -228,7 +228,7 @@ def test_threshold_forms(batches):
     assert resolve_threshold(spec, "model.layers.1.self_attn.q_proj.weight", 1, "self_attn.q_proj", 1, n_max) == 0.05
     ref = tiny_llama()
     sa = SizeAdaptive(0.4)
-    masks = gradprobe.probe_prune_(model, batches, 0.5, method="magnitude", mode="model", gradient_threshold=sa)
+    masks = gradprobe.probe_prune_(model, batches, 0.5, method="magnitude", mode="model", gradient_threshold=sa).masks
     want = ref_probe_group(ref, list(weights(ref)), list(batches), 0.5, "magnitude", "row", 0.1,
                            lambda n: 0.4 * (weights(ref)[n].numel() / n_max) ** 0.5)
     for n in want:

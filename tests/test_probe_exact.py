@@ -105,7 +105,7 @@ def test_exact_key_edge_cases():
 def test_exact_model_mode_equals_reference_and_counts(batches, scope):
     model, ref = tiny_llama(), tiny_llama()
     masks = gradprobe.probe_prune_(model, batches, 0.5, scope=scope, mode="model", target="exact",
-                                   candidate_sparsity=0.7, gradient_threshold=0.02)
+                                   candidate_sparsity=0.7, gradient_threshold=0.02).masks
     want = ref_probe_exact(ref, list(batches), 0.5, 0.7, scope, tau=0.02)
     total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == int(0.5 * total)
@@ -122,8 +122,8 @@ def test_exact_model_mode_equals_reference_and_counts(batches, scope):
 @pytest.mark.parametrize("mode", ["layerwise", "regional"])
 def test_exact_is_deterministic_and_differs_from_wanda(batches, mode):
     a, b = tiny_llama(), tiny_llama()
-    ma = gradprobe.probe_prune_(a, batches, 0.4, mode=mode, target="exact")
-    mb = gradprobe.probe_prune_(b, batches, 0.4, mode=mode, target="exact")
+    ma = gradprobe.probe_prune_(a, batches, 0.4, mode=mode, target="exact").masks
+    mb = gradprobe.probe_prune_(b, batches, 0.4, mode=mode, target="exact").masks
     for n in ma:
         assert torch.equal(ma[n], mb[n])
         assert torch.equal(weights(a)[n], weights(b)[n])
@@ -239,7 +239,7 @@ def test_cli_probe_target_exact_regional_equals_probe_prune_(tmp_path, capsys):
     capsys.readouterr()
     ref, tok = io.load_model(model_dir)
     batches = calibration_batches(tok, str(text), nsamples=4, seqlen=32, seed=0)
-    masks = gradprobe.probe_prune_(ref, batches, 0.4, mode="regional", target="exact", candidate_sparsity=0.7)
+    masks = gradprobe.probe_prune_(ref, batches, 0.4, mode="regional", target="exact", candidate_sparsity=0.7).masks
     pruned = AutoModelForCausalLM.from_pretrained(out)
     for (name, p), (_, q) in zip(pruned.named_parameters(), ref.named_parameters(), strict=True):
         assert torch.equal(p, q), name
