@@ -155,10 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=_positive_int, default=8, help="calibration windows per layer forward"
     )
-    from gradprobe import allocation_args, probe_run
+    from gradprobe import allocation_args
+    from gradprobe.probe import cli as probe_cli
 
     allocation_args.add_cli_args(p)  # --allocation uniform|variant|owl|owl-rescaled|explicit
-    probe_run.add_cli_args(p)  # --probe and its options
+    probe_cli.add_cli_args(p)  # --probe and its options
     _add_eval_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip the dense and pruned perplexity")
     from gradprobe import zeroshot

@@ -94,7 +94,8 @@ class PruneJob:
     @classmethod
     def from_args(cls, args: Any) -> PruneJob:
         """Check every option of ``gradprobe prune`` (UsageError, before anything is loaded or written)."""
-        from gradprobe import distributed, io, preflight, probe_run
+        from gradprobe import distributed, io, preflight
+        from gradprobe.probe import cli as probe_cli
 
         started = time.perf_counter()
         args.device = distributed.rank_device(args.device or default_device())  # cuda -> cuda:LOCAL_RANK
@@ -105,7 +106,7 @@ class PruneJob:
         sizes = resolve_sizes(args)
         config = make_config(args, sizes)
         try:
-            probe_run.check_cli_args(args)
+            probe_cli.check_cli_args(args)
             check_stream_args(args)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
@@ -527,9 +528,9 @@ def _prune_in_memory(job: PruneJob, discard: bool) -> int:
     config, alloc = job.allocation.apply(job.config, model, batches)
     try:
         if job.probe:
-            from gradprobe import probe_run
+            from gradprobe.probe import cli as probe_cli
 
-            report = probe_run.run(job.probe_args, model, batches, config, job.partial / "probe")
+            report = probe_cli.run(job.probe_args, model, batches, config, job.partial / "probe")
         else:
             from gradprobe.api import prune
 
