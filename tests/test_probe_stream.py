@@ -332,7 +332,7 @@ def test_one_decoder_layer_held_at_a_time(monkeypatch, mode):
         return real(self, j, hidden)
 
     monkeypatch.setattr(probe_mod._Runner, "__init__", init)
-    monkeypatch.setattr(probe_mod, "held_on", held_on)
+    monkeypatch.setattr(probe_mod.runner, "held_on", held_on)
     monkeypatch.setattr(probe_mod._Runner, "run_layer", run_layer)
     got = probe(b, batches, 0.5, mode=mode, device="cpu").masks
     assert most[0] == 1 and not held

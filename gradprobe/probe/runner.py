@@ -1,0 +1,169 @@
+"""The gradient runner: forward / backward of one batch over the whole model, from a decoder layer's
+cached input (the tail) or of one block (regional loss), and a gradient pass: max over batches of
+|dL/dW| accumulated in hooks as the gradients arrive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradprobe import distributed
+from gradprobe.pipeline.backward import StreamedBackward, held_on
+from gradprobe.probe.args import _as_device
+
+
+def _default_loss(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return model.loss_function(logits=logits, labels=ids, vocab_size=model.config.vocab_size)
+
+    return loss
+
+
+class _Runner:
+    """Forward/backward over the whole model or from a layer's cached input.
+
+    ``home``: where the decoder layers' weights live; ``device``: where the probe computes. When they
+    differ, each layer (and the embedding, the head) is held on the device only while it runs
+    (:func:`gradprobe.pipeline.backward.held_on`); cached layer inputs stay on the host. With
+    ``streamed`` the model-loss gradients go through :class:`StreamedBackward` (one layer's autograd
+    graph at a time); without, through one graph of the whole model (or tail) on ``home``.
+    """
+
+    def __init__(self, model: nn.Module, adapter, batches: list[torch.Tensor], loss, device=None, streamed=True):
+        self.model, self.adapter = model, adapter
+        self.layers = adapter.decoder_layers(model)
+        self.home = next(self.layers[0].parameters()).device
+        self.device = self.home if device is None else _as_device(device)
+        self.moves = self.device != self.home
+        self.streamed = streamed
+        self.batches = batches
+        self.user_loss = loss
+        self.loss = loss if loss is not None else _default_loss(model)
+        self._kwargs: dict[tuple, dict] = {}
+        self.passes = 0
+        self.progress = False  # a bar per gradient pass (model mode: the only long loop)
+        self.changed: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (param, candidates, originals)
+        self.park: torch.device | None = None  # where |grad| statistics wait between a layer's backward passes
+        self.streamer = StreamedBackward(self.run_layer, self.hold_layer, self.hold_head)
+
+    def hold_layer(self, j: int):
+        """Context: decoder layer ``j`` on the device."""
+        return held_on(self.device, self.layers[j]) if self.moves else contextlib.nullcontext()
+
+    def hold_head(self):
+        """Context: the final norm and lm_head on the device."""
+        if not self.moves:
+            return contextlib.nullcontext()
+        return held_on(self.device, self.adapter.final_norm(self.model), self.adapter.lm_head(self.model))
+
+    def layer_kwargs(self, j: int, hidden: torch.Tensor) -> dict:
+        key = (j, tuple(hidden.shape), hidden.dtype, hidden.device)
+        if key not in self._kwargs:
+            with torch.no_grad():
+                self._kwargs[key] = self.adapter.layer_forward_kwargs(self.model, hidden, None, None, j)
+        return self._kwargs[key]
+
+    def run_layer(self, j: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``j`` on ``hidden`` (batch, seqlen, hidden); the layer must be where ``hidden`` is."""
+        return self.adapter.layer_output(self.layers[j](hidden, **self.layer_kwargs(j, hidden)))
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input of decoder layer 0 (batch, seqlen, hidden) on the device, no grad."""
+        emb = self.adapter.embed(self.model)
+        with torch.no_grad(), (held_on(self.device, emb) if self.moves else contextlib.nullcontext()):
+            return emb(ids.to(self.device))
+
+    def head_loss(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The model's loss of the last decoder layer's output ``hidden`` (final norm, lm_head, loss)."""
+        x = self.adapter.final_norm(self.model)(hidden)
+        return self.loss(self.adapter.lm_head(self.model)(x), ids)
+
+    def full_loss(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.user_loss is None:
+            return self.model(input_ids=ids, labels=ids, use_cache=False).loss
+        return self.loss(self.model(input_ids=ids, use_cache=False).logits, ids)
+
+    def block_loss(self, j: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Regional loss: squared L2 norm (fp32) of decoder layer ``j``'s output for its input ``hidden``."""
+        return self.run_layer(j, hidden).to(torch.float32).pow(2).sum()
+
+    def tail_loss(self, start: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Loss of the model run from the input ``hidden`` (batch, seqlen, hidden) of layer ``start``."""
+        x = hidden
+        for j in range(start, len(self.layers)):
+            x = self.run_layer(j, x)
+        return self.head_loss(x, ids)
+
+    # --- one batch's backward into the probed weights (the gradients arrive in grad_pass's hooks) ----
+    def model_backward(self, b: int, lowest: int = 0) -> None:
+        """Model mode: backward of the full model loss of batch ``b``; ``lowest`` = the lowest layer with
+        probed weights (the layers below it only run forward)."""
+        ids = self.batches[b]
+        if not self.streamed:
+            _backward(self.full_loss(ids))
+            return
+        h = self.embed(ids)
+        with torch.no_grad():
+            for j in range(lowest):
+                with self.hold_layer(j):
+                    h = self.run_layer(j, h)
+        self.streamer(h, lowest, len(self.layers), lambda x: self.head_loss(x, self.batches[b]))
+
+    def tail_backward(self, start: int, hidden: torch.Tensor, b: int) -> None:
+        """Layerwise mode: backward of the model loss of batch ``b`` run from layer ``start``'s input."""
+        hidden = hidden.to(self.device)
+        if self.streamed:
+            self.streamer(hidden, start, len(self.layers), lambda x: self.head_loss(x, self.batches[b]))
+        else:
+            _backward(self.tail_loss(start, hidden, self.batches[b]))
+
+    def block_backward(self, j: int, hidden: torch.Tensor) -> None:
+        """Regional mode: backward of ||layer_j(hidden)||^2 (layer j already on the device)."""
+        _backward(self.block_loss(j, hidden.to(self.device)))
+
+    def grad_pass(self, params: Sequence[nn.Parameter], backward_of_batch: Callable[[int], None]) -> list[torch.Tensor]:
+        """max over batches of |dL/dp| for each of ``params`` (same dtype/shape), accumulated in a hook;
+        ``backward_of_batch(i)`` runs batch i's backward. With ``park`` set the running max of a tensor
+        waits there between its layer's visits to the device (model mode, layers on the host)."""
+        acc: dict[int, torch.Tensor] = {}
+
+        def hook(p: torch.Tensor) -> None:
+            g = p.grad
+            p.grad = None  # only this batch's gradient of this tensor is ever alive
+            a = acc.get(id(p))
+            if a is None:
+                a = g.abs()
+            else:
+                a = a.to(g.device)
+                torch.ops.gradprobe.probe_accumulate_(a, g)
+            acc[id(p)] = a if self.park is None else a.to(self.park)
+
+        handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
+        try:
+            from tqdm.auto import tqdm
+
+            desc = "probe G0" if self.passes % 2 == 0 else "probe G1"
+            for i in tqdm(range(len(self.batches)), desc=desc, unit="batch", disable=not self.progress):
+                with torch.enable_grad():
+                    backward_of_batch(i)
+        finally:
+            for h in handles:
+                h.remove()
+            for p in params:
+                p.grad = None
+        self.passes += 1
+        missing = [i for i, p in enumerate(params) if id(p) not in acc]
+        if missing:
+            raise RuntimeError(f"{len(missing)} probed tensors received no gradient; does the loss depend on them?")
+        return [distributed.all_max_(acc[id(p)]) for p in params]  # the max over every rank's batches
+
+
+def _backward(loss: Any) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError("loss must return a scalar (0-dim) tensor")
+    loss.backward()
