@@ -20,28 +20,9 @@ import os
 import sys
 from pathlib import Path
 
+from gradprobe._argtypes import fraction, positive_int
 from gradprobe.jobs import EMBEDDED_DEFAULTS, MODEL_DEFAULTS, RUN_JSON, UsageError  # noqa: F401  (re-exported)
 from gradprobe.jobs import default_device as _default_device
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
-    if not (0.0 <= v < 1.0):
-        raise argparse.ArgumentTypeError(f"must be in [0, 1) (the fraction of weights to prune), got {text}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -73,21 +54,21 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--eval-context",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="perplexity context length (default 256 for the embedded model, 2048 with --model)",
     )
     p.add_argument(
         "--eval-stride",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="perplexity window stride (default: = context, disjoint windows)",
     )
     p.add_argument(
         "--eval-windows",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="evaluate only the first N windows (default 16 for the embedded model, all with --model)",
@@ -116,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sparsity",
-        type=_fraction,
+        type=fraction,
         default=None,
         help="fraction of weights pruned per group, in [0, 1) (default 0.5; N:M implies N/M)",
     )
@@ -135,13 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--nsamples",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="calibration windows (default 32 for the embedded model, 128 with --model)",
     )
     p.add_argument(
         "--seqlen",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="tokens per calibration window (default 256 for the embedded model, 2048 with --model)",
     )
@@ -153,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
     p.add_argument(
-        "--batch-size", type=_positive_int, default=8, help="calibration windows per layer forward"
+        "--batch-size", type=positive_int, default=8, help="calibration windows per layer forward"
     )
     from gradprobe import allocation_args
     from gradprobe.probe import cli as probe_cli
@@ -166,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     zeroshot.add_cli_args(p, "--eval-tasks")
     p.add_argument(
-        "--dist-timeout", type=_positive_int, default=1800, metavar="S",
+        "--dist-timeout", type=positive_int, default=1800, metavar="S",
         help="under torchrun: seconds a rank waits for the others at a collective before all exit with an error",
     )
     p.add_argument(

@@ -15,35 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gradprobe._argtypes import fraction, nonneg_float
+
 MODES = ("model", "layerwise", "regional")
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
-    if not (0.0 <= v < 1.0):
-        raise argparse.ArgumentTypeError(f"must be in [0, 1) (the fraction of weights to prune), got {text}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     """The ``--probe`` option group of ``gradprobe prune``."""
     g = p.add_argument_group("gradient probe (gradprobe.probe_prune_)")
     g.add_argument("--probe", action="store_true", help="prune with the gradient probe: candidates whose |grad| grew when shrunk are restored")
-    g.add_argument("--reduction-factor", type=_fraction, default=0.1, help="probe: candidates are scaled by r in (0, 1) (default 0.1)")
-    g.add_argument("--gradient-threshold", type=_nonneg_float, default=0.0, help="probe: tau >= 0, prune if G1 <= G0 * (1 + tau) (default 0)")
+    g.add_argument("--reduction-factor", type=fraction, default=0.1, help="probe: candidates are scaled by r in (0, 1) (default 0.1)")
+    g.add_argument("--gradient-threshold", type=nonneg_float, default=0.0, help="probe: tau >= 0, prune if G1 <= G0 * (1 + tau) (default 0)")
     g.add_argument("--adaptive-threshold", action="store_true", help="probe: scale tau by sqrt(numel / largest numel) per tensor")
     g.add_argument("--probe-mode", choices=list(MODES), default="model",
                    help="probe: one G0/G1 pass for the model, per decoder layer (model loss), or per decoder layer "
@@ -53,7 +35,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
                    help="probe: prune the candidates whose gradient did not grow (candidates; prunes <= --sparsity), "
                         "or exactly --sparsity: of the candidates at --candidate-sparsity, the not-grown ones first, then the "
                         "grown ones, each in score order (exact)")
-    g.add_argument("--candidate-sparsity", type=_fraction, default=None,
+    g.add_argument("--candidate-sparsity", type=fraction, default=None,
                    help="probe --probe-target exact: candidate fraction s' >= --sparsity (default s + 0.2 (1 - s))")
     g.add_argument("--probe-order", choices=["reverse", "forward"], default="reverse", help="probe: layer order in layerwise mode")
 
