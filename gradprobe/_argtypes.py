@@ -5,14 +5,22 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T", int, float)
+
+
+def _parse(text: str, convert: Callable[[str], T], what: str) -> T:
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
 
 
 def fraction(text: str) -> float:
     """A number in [0, 1) (a fraction of weights)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    v = _parse(text, float, "a number in [0, 1)")
     if not (0.0 <= v < 1.0):
         raise argparse.ArgumentTypeError(f"must be in [0, 1) (the fraction of weights to prune), got {text}")
     return v
@@ -20,10 +28,7 @@ def fraction(text: str) -> float:
 
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    v = _parse(text, int, "a positive integer")
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
@@ -31,10 +36,7 @@ def positive_int(text: str) -> int:
 
 def nonneg_float(text: str) -> float:
     """A number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value >= 0:
+    v = _parse(text, float, "a number")
+    if not v >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+    return v
