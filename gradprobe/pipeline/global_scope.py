@@ -369,6 +369,7 @@ def _prune_streamed(
     group in order (every rank, so the per-layer mask digests can be compared; rank 0 checkpoints the
     pruned layer, which the streamed writer copies into the output)."""
     from gradprobe.pipeline.layerwise import _row
+    from gradprobe.stream import trim_heap
 
     keys = _keys(p)
     index = {key: j for j, key in enumerate(keys)}
@@ -387,6 +388,7 @@ def _prune_streamed(
                 try:
                     for name, lin in p.groups[i].items():
                         yield index[(i, name)], lin.weight.data, norm_of(i, name)
+                        trim_heap()  # the tensor's score temporaries
                 finally:
                     p._release(i)
                 bar.update(1)
@@ -429,6 +431,7 @@ def _prune_streamed(
             share_secs += secs
             layer_rows.append(_row(i, name, lin.weight, m, p.config.sparsity, secs))
             masks.append(m)
+            trim_heap()
         distributed.agree(f"global masks of group {i}", distributed.masks_digest(masks))  # before any write
         tensors = {n: lin.weight for n, lin in p.groups[i].items()}
         if norms is not None:
