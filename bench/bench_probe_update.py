@@ -7,7 +7,7 @@ Problem: a 4096x11008 bf16 weight (Llama-2-7B down_proj), 50 % random candidates
 probe caches them), scale 1 + tau = 1.05. Checked before timing: weight bits and mask equal to
 ``gradprobe.ops.reference`` (apply), accumulator bits equal to the reference (accumulate). Both ops
 are idempotent (apply restores from backup; max is idempotent), so repeated timed calls see the same
-state. Baseline of accumulate: ``torch.maximum(acc, grad.abs(), out=acc)`` (the probe before issue 6).
+state. Baseline of accumulate: ``torch.maximum(acc, grad.abs(), out=acc)`` (the probe's accumulation before the fused op).
 """
 
 from __future__ import annotations

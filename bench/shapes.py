@@ -63,7 +63,7 @@ MODELS: dict[str, ModelShapes] = {
     )
 }
 
-# the models issue 3 asks the GPU table for (Llama-2-13B is extra, kept for completeness)
+# the models of the GPU table (Llama-2-13B is extra, kept for completeness)
 LLAMA_FAMILY = ("llama-2-7b", "llama-3-8b", "mistral-7b", "llama-2-70b", "llama-2-13b")
 
 

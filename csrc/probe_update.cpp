@@ -1,7 +1,7 @@
 // Gradient-probe updates on CPU (C++17, at::parallel_for): the `cpp` backend of
 // gradprobe::probe_accumulate_ and gradprobe::probe_apply_.
 //
-// Contract (gradprobe/ops/_schemas.py, "probe (issue 6)"):
+// Contract (gradprobe/ops/_schemas.py, "probe"):
 // * accumulate: acc[i] <- |grad[i]| where |grad[i]| > acc[i] or |grad[i]| is NaN, else unchanged.
 //   |x| clears the sign bit; the compare runs in fp32 (fp64 for fp64), exact for every format.
 // * apply: candidate i of rank j (= number of candidates before i in row-major order) is pruned iff

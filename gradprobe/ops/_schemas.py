@@ -34,7 +34,7 @@ import torch
 LIB = torch.library.Library("gradprobe", "DEF")  # noqa: TOR901  (lifetime = the process)
 
 SCHEMAS: dict[str, str] = {
-    # --- exact k-smallest selection (issue 2) ---------------------------------------------------
+    # --- exact k-smallest selection ----------------------------------------------------------
     # per-row threshold triple; every row is a group of `in` scores, k is the same for all rows
     "row_threshold": "(Tensor weight, Tensor? norm, int k) -> (Tensor threshold, Tensor take, Tensor equal)",
     # fused select + mask per row: bool (out, in), True = pruned
@@ -50,7 +50,7 @@ SCHEMAS: dict[str, str] = {
     "global_prune_": "(Tensor(a!)[] weights, Tensor(b!)[] masks, Tensor[] norms, Tensor threshold, Tensor take) -> ()",
     # fused select + masks of one group: global_mask(weights, norms, *global_threshold(weights, norms, k)[:2])
     "global_masks": "(Tensor[] weights, Tensor[] norms, int k) -> Tensor[]",
-    # --- N:M structured selection (issue 4) -----------------------------------------------------
+    # --- N:M structured selection ------------------------------------------------------------
     # prune the n smallest scores of every m consecutive elements of a row (ties: lower index first)
     "nm_mask": "(Tensor weight, Tensor? norm, int n, int m) -> Tensor",
     "nm_prune_": "(Tensor(a!) weight, Tensor? norm, int n, int m) -> Tensor",
@@ -118,7 +118,7 @@ def _(weight: torch.Tensor, norm: torch.Tensor | None, n: int, m: int):
     return _mask_like(weight)
 
 
-# --- 2:4 packing (issue 4) — schemas and fakes are appended below by that work -------------------
+# --- 2:4 packing: schemas and fakes -------------------
 #
 # Layouts (rows, cols) = weight.shape; a *group* is 4 consecutive elements of a row.
 # * cutlass: torch's SparseSemiStructuredTensorCUTLASS layout, bit-for-bit as
@@ -168,7 +168,7 @@ def _(values: torch.Tensor, bitmask: torch.Tensor, cols: int):
     return values.new_empty((values.shape[0], cols))
 
 
-# --- probe (issue 6): gradient-probe accumulation and decision ----------------------------------
+# --- probe: gradient-probe accumulation and decision ----------------------------------
 # Contract:
 # * probe_accumulate_: acc <- max(acc, |grad|) elementwise; acc and grad of one shape, device and float
 #   dtype (fp32, bf16, fp16, fp64; a mismatch raises TypeError naming grad). Exact in any dtype, and
@@ -201,7 +201,7 @@ def _(weight, candidates, backup, g0, g1, scale):
     return _mask_like(weight)
 
 
-# --- allocation (issue 7): the Wanda variant's per-row cumulative-score cut ----------------------
+# --- the Wanda variant's per-row cumulative-score cut ----------------------
 # Contract of row_cumsum_cut(weight (out, in), norm (in,)?, alpha in [0, 1]):
 # * Scores s (fp32, as every selection op) are quantised per row to exact fixed point:
 #   q_ij = floor(s_ij * 2^(B - e_i)) as int64, B = 62 - bit_length(in), e_i = frexp exponent of the row

@@ -132,7 +132,7 @@ def global_masks_sorted(weights: Sequence[torch.Tensor], norms: Sequence[torch.T
     return _split_like(stable_rank_mask(flat, k)[0], weights)
 
 
-# ---- N:M structured selection (issue 4) ----------------------------------------------------------
+# ---- N:M structured selection -----------------------------------------------------------------
 
 
 def nm_rank_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -161,7 +161,7 @@ def nm_prune_(weight: torch.Tensor, norm: torch.Tensor | None, n: int, m: int) -
     return mask
 
 
-# ---- 2:4 packing (issue 4) -------------------------------------------------------------------------
+# ---- 2:4 packing --------------------------------------------------------------------------------
 
 PACK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # CUTLASS metadata nibble (idx0 | idx1 << 2) of a group of 4, by its nonzero pattern
@@ -377,7 +377,7 @@ def unpack_24_bitmask(values: torch.Tensor, bitmask: torch.Tensor, cols: int) ->
     return dense
 
 
-# ---- probe (issue 6) -----------------------------------------------------------------------------
+# ---- probe ------------------------------------------------------------------------------------
 # Argument checks: gradprobe/ops/_checks.py (shared with the Triton backend).
 
 
@@ -401,9 +401,9 @@ def probe_apply_(weight: torch.Tensor, candidates: torch.Tensor, backup: torch.T
     return mask
 
 
-# ---- allocation (issue 7): the Wanda variant's cumulative cut, by histogram (no sort) --------------
-# Unlike the ops above this reference does not sort: the radix histogram IS the method (issue 7 asks
-# for the cut without sorting). Its oracle, a stable sort + int64 cumsum, lives in tests/test_variant.py.
+# ---- the Wanda variant's cumulative cut, by histogram (no sort) ---------------------------
+# Unlike the ops above this reference does not sort: the radix histogram IS the method (the cut is
+# defined without sorting). Its oracle, a stable sort + int64 cumsum, lives in tests/ops/test_cumsum_cut.py (sort_cut).
 
 _CUT_ROWS_ELEMS = 1 << 22  # rows are processed in chunks of about this many scores (bounds memory)
 
