@@ -76,6 +76,9 @@ class PruneConfig:
         allocation: optional :class:`gradprobe.allocation.Allocation` (OWL, explicit): the exact
             count of every tensor, pruned as counts (per row, as :func:`gradprobe.allocation.prune_rows_`);
             replaces ``sparsity`` / ``sparsity_fn`` (``sparsity`` is then only the reported nominal).
+        selector: optional :class:`gradprobe.methods.Selector` replacing the method's built-in one:
+            ``needs`` ("weights" / "norms" / "hessian": what the pipeline collects for it) and
+            ``select_(layer_idx, linears, stats, targets) -> {name: mask}`` (prunes in place).
         progress: show a tqdm bar per layer.
     """
 
@@ -93,6 +96,7 @@ class PruneConfig:
     mask_fn: Callable[..., torch.Tensor] | None = field(default=None, compare=False)
     sparsity_fn: Callable[[int, str, PruneConfig], float] | None = field(default=None, compare=False)
     allocation: Any = field(default=None, compare=False)
+    selector: Any = field(default=None, compare=False)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -167,6 +171,17 @@ class PruneConfig:
                     "PruneConfig.allocation gives exact per-tensor counts (pruned per row); it cannot be combined "
                     'with an N:M structure, scope other than "row" or a sparsity_fn'
                 )
+        if self.selector is not None:
+            needs = getattr(self.selector, "needs", None)
+            if not callable(getattr(self.selector, "select_", None)) or needs not in ("weights", "norms", "hessian"):
+                raise TypeError(
+                    "PruneConfig.selector must have select_(layer_idx, linears, stats, targets) and needs in "
+                    f"('weights', 'norms', 'hessian'), got {type(self.selector).__name__} (needs={needs!r})"
+                )
+            if self.mask_fn is not None:
+                raise ValueError("PruneConfig.selector and mask_fn both replace the selection step; give one")
+            if self.scope == "global":
+                raise ValueError("PruneConfig.selector works per layer and cannot be combined with scope='global'")
         for name in ("mask_fn", "sparsity_fn"):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):
@@ -174,7 +189,9 @@ class PruneConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """True for methods that read calibration activations (Wanda, SparseGPT)."""
+        """True for methods that read calibration activations (Wanda, SparseGPT, a selector needing them)."""
+        if self.selector is not None:
+            return self.selector.needs != "weights"
         return self.method in CALIBRATED_METHODS
 
     @property

@@ -179,9 +179,11 @@ class MaskFnSelector:
 
 
 def selector_for(config: PruneConfig) -> Selector:
-    """The selector of ``config.method`` (``config.mask_fn`` replaces the built-in step)."""
+    """``config.selector``, else the selector of ``config.method`` (``config.mask_fn`` per tensor)."""
     from gradprobe.sparsegpt import SparseGPTMaskFn
 
+    if config.selector is not None:
+        return config.selector
     needs = {"magnitude": "weights", "wanda": "norms", "sparsegpt": "hessian"}[config.method]
     if isinstance(config.mask_fn, SparseGPTMaskFn):  # its settings, the selector's exact targets
         return SparseGPTSelector(config.mask_fn.blocksize, config.mask_fn.percdamp)
