@@ -492,8 +492,8 @@ def owl_from_model(
     """
     check_owl(target, m, lam, mapping)
     from gradprobe.models import get_adapter
-    from gradprobe.select import score
     from gradprobe.pipeline.calibration import dense_norms
+    from gradprobe.select import score
 
     norms = dense_norms(model, batches, config)
     ad = get_adapter(model)
