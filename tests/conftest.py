@@ -34,6 +34,13 @@ _INTERPRETED_DEFAULT = {
     "test_row_heavy_ties": ("dtype=fp32-ties-rand",),
     "test_global_group_matches_sort_oracle": ("dtype=bf16-wanda",),
     "test_every_backend_runs_the_probe_identically": (),  # the probe kernels' own op tests stay default
+    # row selection: every awkward small shape by default; of the wide ones (64x1000, 3x4097: 4-17 s each
+    # interpreted) one representative per test
+    "test_row_ops_match_sort_oracle": (
+        "shape=1x1", "shape=1x7", "shape=7x1", "shape=37x300", "bf16-shape=64x1000-wanda", "fp32-shape=3x4097-wanda",
+    ),
+    "test_row_sparsity_extremes": ("shape=1x7", "shape=37x300", "shape=64x1000-0.5", "shape=3x4097-1-1/n"),
+    "test_triton_row_select_vs_reference": ("37x300", "1x7", "3x2500"),
 }
 
 
