@@ -133,7 +133,9 @@ def child(args) -> dict:
         # The weights the device would hold: the modules inside held_on at once. Here the device is the
         # host (every move is a no-op); the layers are declared to live away from it so that the probe
         # takes the path it takes with a GPU (one decoder layer held at a time; results are unchanged).
-        real_held, real_init = probe_mod.runner.held_on, probe_mod._Runner.__init__
+        from gradprobe.pipeline import gradients
+
+        real_held, real_init = gradients.held_on, probe_mod._Runner.__init__
 
         def init(self, *a, **k):
             real_init(self, *a, **k)
@@ -150,7 +152,7 @@ def child(args) -> dict:
             finally:
                 held["now"] -= n
 
-        probe_mod._Runner.__init__, probe_mod.runner.held_on = init, held_on
+        probe_mod._Runner.__init__, gradients.held_on = init, held_on
     rss0 = sampler.open_window()
     sampler.peak = rss0
     t = time.perf_counter()

@@ -303,6 +303,7 @@ def test_one_decoder_layer_held_at_a_time(monkeypatch, mode):
     import contextlib
 
     from gradprobe import probe as probe_mod
+    from gradprobe.pipeline import gradients
 
     batches = random_batches(2, 12, seed=5)
     a = tiny_model("llama", num_layers=2)
@@ -332,7 +333,7 @@ def test_one_decoder_layer_held_at_a_time(monkeypatch, mode):
         return real(self, j, hidden)
 
     monkeypatch.setattr(probe_mod._Runner, "__init__", init)
-    monkeypatch.setattr(probe_mod.runner, "held_on", held_on)
+    monkeypatch.setattr(gradients, "held_on", held_on)
     monkeypatch.setattr(probe_mod._Runner, "run_layer", run_layer)
     got = probe(b, batches, 0.5, mode=mode, device="cpu").masks
     assert most[0] == 1 and not held

@@ -4,6 +4,9 @@
   calibration windows on the device, collect the input statistics of its linears.
 * :mod:`~gradprobe.pipeline.layerwise` — the pruning loop: per layer, statistics -> the method's
   selection (the plan's exact counts) -> masks in place -> propagation of the pruned outputs; resume.
+* :mod:`~gradprobe.pipeline.gradients` — losses and gradients for a method that asks for them (the
+  gradient probe): model / tail / one-block losses, gradient passes (streamed by
+  :mod:`~gradprobe.pipeline.backward`), the layers' inputs captured and carried forward.
 """
 
 from gradprobe.pipeline.calibration import (

@@ -68,10 +68,11 @@ raises ``ValueError``.
 The package, one job a module: :mod:`~gradprobe.probe.tolerance` (``gradient_threshold``),
 :mod:`~gradprobe.probe.rule` (candidates and the exact rule), :mod:`~gradprobe.probe.state`
 (:class:`TensorProbe`, :class:`ProbeResult`), :mod:`~gradprobe.probe.args` (argument checks),
-:mod:`~gradprobe.probe.targets` (the probed linears, Wanda norms), :mod:`~gradprobe.probe.runner`
-(forward / backward and the gradient passes), :mod:`~gradprobe.probe.modes` (the run: one probe step,
-model / layerwise / regional), :mod:`~gradprobe.probe.resume` (the checkpoint) and
-:mod:`~gradprobe.probe.cli` (``gradprobe prune --probe``); this module is the public API.
+:mod:`~gradprobe.probe.targets` (the probed linears, Wanda norms), :mod:`~gradprobe.probe.modes` (the
+run: one probe step, model / layerwise / regional), :mod:`~gradprobe.probe.resume` (the checkpoint) and
+:mod:`~gradprobe.probe.cli` (``gradprobe prune --probe``); this module is the public API. The decoder
+layers are walked (inputs captured, forward / backward, the gradient passes, one layer on the device)
+by :class:`gradprobe.pipeline.gradients.GradientRunner`.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ import torch
 from torch import nn
 
 from gradprobe import distributed
+from gradprobe.pipeline.gradients import default_loss as _default_loss  # noqa: F401  (re-exported)
+from gradprobe.pipeline.gradients import scalar_backward as _backward  # noqa: F401  (re-exported)
 from gradprobe.probe.args import (  # noqa: F401  (re-exported)
     METHODS,
     MODES,
@@ -106,12 +109,12 @@ from gradprobe.probe.modes import (  # noqa: F401  (re-exported)
     _probe_group,
     _probe_layerwise,
     _probe_model,
+    _Runner,
     _to_home,
     _undo,
 )
 from gradprobe.probe.resume import _norms_digest, _Resume  # noqa: F401  (re-exported)
 from gradprobe.probe.rule import KEY_MAX, RATIO_MAX, _candidates, _Exact, exact_key, select_by_key  # noqa: F401
-from gradprobe.probe.runner import _backward, _default_loss, _Runner  # noqa: F401  (re-exported)
 from gradprobe.probe.state import ProbeResult, TensorProbe  # noqa: F401  (re-exported)
 from gradprobe.probe.targets import _Norms, _Target, _targets  # noqa: F401  (re-exported)
 from gradprobe.probe.tolerance import (  # noqa: F401  (re-exported)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gradprobe.pipeline.gradients import as_device as _as_device
 from gradprobe.probe.tolerance import check_threshold
 from gradprobe.select import check_sparsity
 
@@ -97,15 +98,6 @@ def _check_args(sparsity, method, scope, mode, order, reduction_factor, gradient
         if not isinstance(norms, Mapping):
             raise TypeError("norms must be a mapping parameter name -> (in_features,) float32 tensor")
     return sparsity, float(reduction_factor), gradient_threshold
-
-
-def _as_device(device: torch.device | str) -> torch.device:
-    """torch.device, with a bare "cuda" resolved to the current CUDA device (so it compares equal to
-    where a tensor actually is)."""
-    d = torch.device(device)
-    if d.type == "cuda" and d.index is None:
-        d = torch.device("cuda", torch.cuda.current_device())
-    return d
 
 
 def _probe_arguments(model, batches, sparsity, options: Mapping[str, Any]) -> dict[str, Any]:

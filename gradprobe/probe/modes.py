@@ -16,13 +16,22 @@ from torch import nn
 
 from gradprobe import distributed
 from gradprobe._checkpoint import batches_digest
+from gradprobe.pipeline.gradients import GradientRunner
 from gradprobe.probe.args import _check_norms, _probe_arguments
 from gradprobe.probe.resume import _norms_digest, _Resume
 from gradprobe.probe.rule import _candidates, _Exact
-from gradprobe.probe.runner import _Runner
 from gradprobe.probe.state import ProbeResult, TensorProbe
 from gradprobe.probe.targets import _Norms, _Target, _targets
 from gradprobe.probe.tolerance import GradientThreshold, resolve_threshold
+
+
+class _Runner(GradientRunner):
+    """The pipeline's :class:`~gradprobe.pipeline.gradients.GradientRunner` with the probe's undo log:
+    ``changed`` = (param, candidate mask, original candidate values) of every write the run made."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.changed: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
 
 
 def _probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], sparsity: float,
@@ -199,24 +208,15 @@ def _probe_model(runner: _Runner, all_targets, live, cand_s, method, scope, norm
 
 
 def _capture_inputs(runner: _Runner, batch_list, layer_ids: set[int], collect_norms_for: Sequence[_Target]):
-    """One no-grad pass of the embedding and the decoder layers (each held on the device once, for all
-    batches): the inputs of the decoder layers in ``layer_ids`` per batch (on the host when the layers
-    live there), and (optionally) the Wanda norms of ``collect_norms_for``."""
+    """The inputs of the decoder layers in ``layer_ids`` per batch from one no-grad pass
+    (:meth:`GradientRunner.capture_inputs`; on the host when the layers live there), and (optionally)
+    the Wanda norms of ``collect_norms_for`` collected by forward hooks during that pass."""
     last = max(layer_ids, default=-1)
     if collect_norms_for:
         last = max(last, max(t.layer for t in collect_norms_for) + 1)  # run the last such layer itself
-    store: dict[int, list[torch.Tensor]] = {}
     collector = _Norms(collect_norms_for, runner.device) if collect_norms_for else None
     try:
-        with torch.no_grad():
-            hs = [runner.embed(b) for b in batch_list]
-            for j in range(last + 1):
-                if j in layer_ids:
-                    store[j] = [h.to(runner.home) for h in hs]
-                if j == last:
-                    break
-                with runner.hold_layer(j):
-                    hs = [runner.run_layer(j, h) for h in hs]
+        store = runner.capture_inputs(batch_list, layer_ids, last)
     finally:
         if collector is not None:
             collector.close()
@@ -266,12 +266,7 @@ def _probe_layerwise(runner, groups, seq, done, batch_list, sparsity, method, sc
                                 strict=True))
     restored = resume.restore(steps[:done], runner) if done else {}
     if order == "forward" and done:  # through the restored layers: the forwards of the uninterrupted run
-        h = inputs.pop(seq[0])
-        with torch.no_grad():
-            for j in range(seq[0], todo[0]):
-                with runner.hold_layer(j):
-                    h = [runner.run_layer(j, x.to(runner.device)).to(runner.home) for x in h]
-        inputs[todo[0]] = h
+        inputs[todo[0]] = runner.propagate(inputs.pop(seq[0]), seq[0], todo[0])
     tensors: dict[str, TensorProbe] = {}
     bar = tqdm(seq, desc="probe", disable=not progress, initial=done, total=len(seq))
     for pos, i in zip(range(done, len(seq)), todo, strict=True):
@@ -311,13 +306,7 @@ def _probe_layerwise(runner, groups, seq, done, batch_list, sparsity, method, sc
         if resume is not None:
             resume.save(pos, targets, {t.name: tensors[t.name].mask for t in targets}, time.perf_counter() - t0)
         if order == "forward" and pos + 1 < len(seq):
-            nxt = seq[pos + 1]
-            with torch.no_grad():
-                h = hidden
-                for j in range(i, nxt):
-                    with runner.hold_layer(j):
-                        h = [runner.run_layer(j, x.to(runner.device)).to(runner.home) for x in h]
-            inputs[nxt] = h
+            inputs[seq[pos + 1]] = runner.propagate(hidden, i, seq[pos + 1])
         del hidden
         bar.update(1)
     bar.close()

@@ -10,7 +10,7 @@ import torch
 from gradprobe.probe.rule import _Exact
 
 if TYPE_CHECKING:
-    from gradprobe.probe.runner import _Runner
+    from gradprobe.probe.modes import _Runner
     from gradprobe.probe.targets import _Target
 
 

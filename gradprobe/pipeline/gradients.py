@@ -1,6 +1,8 @@
-"""The gradient runner: forward / backward of one batch over the whole model, from a decoder layer's
-cached input (the tail) or of one block (regional loss), and a gradient pass: max over batches of
-|dL/dW| accumulated in hooks as the gradients arrive.
+"""Losses and gradients through the decoder layers, for a method that asks for them (the gradient
+probe): forward / backward of one batch over the whole model, from a decoder layer's cached input (the
+tail) or of one block (regional loss); a gradient pass: max over batches of |dL/dW| accumulated in
+hooks as the gradients arrive; and the no-grad walks that feed them (the decoder layers' inputs
+captured in one pass, cached inputs carried through a run of layers), one layer on the device at a time.
 """
 
 from __future__ import annotations
@@ -14,20 +16,32 @@ from torch import nn
 
 from gradprobe import distributed
 from gradprobe.pipeline.backward import StreamedBackward, held_on
-from gradprobe.probe.args import _as_device
 
 
-def _default_loss(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def as_device(device: torch.device | str) -> torch.device:
+    """torch.device, with a bare "cuda" resolved to the current CUDA device (so it compares equal to
+    where a tensor actually is)."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
+def default_loss(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The model's causal-LM loss of (logits (batch, seqlen, vocab), input_ids (batch, seqlen)) -> 0-dim."""
+
     def loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return model.loss_function(logits=logits, labels=ids, vocab_size=model.config.vocab_size)
 
     return loss
 
 
-class _Runner:
+class GradientRunner:
     """Forward/backward over the whole model or from a layer's cached input.
 
-    ``home``: where the decoder layers' weights live; ``device``: where the probe computes. When they
+    ``batches``: token ids (batch, seqlen) int64 per calibration batch; ``loss``: a user's
+    ``loss(logits, ids)`` or None (the model's own causal-LM loss).
+    ``home``: where the decoder layers' weights live; ``device``: where the runner computes. When they
     differ, each layer (and the embedding, the head) is held on the device only while it runs
     (:func:`gradprobe.pipeline.backward.held_on`); cached layer inputs stay on the host. With
     ``streamed`` the model-loss gradients go through :class:`StreamedBackward` (one layer's autograd
@@ -38,16 +52,15 @@ class _Runner:
         self.model, self.adapter = model, adapter
         self.layers = adapter.decoder_layers(model)
         self.home = next(self.layers[0].parameters()).device
-        self.device = self.home if device is None else _as_device(device)
+        self.device = self.home if device is None else as_device(device)
         self.moves = self.device != self.home
         self.streamed = streamed
         self.batches = batches
         self.user_loss = loss
-        self.loss = loss if loss is not None else _default_loss(model)
+        self.loss = loss if loss is not None else default_loss(model)
         self._kwargs: dict[tuple, dict] = {}
         self.passes = 0
         self.progress = False  # a bar per gradient pass (model mode: the only long loop)
-        self.changed: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (param, candidates, originals)
         self.park: torch.device | None = None  # where |grad| statistics wait between a layer's backward passes
         self.streamer = StreamedBackward(self.run_layer, self.hold_layer, self.hold_head)
 
@@ -78,6 +91,33 @@ class _Runner:
         with torch.no_grad(), (held_on(self.device, emb) if self.moves else contextlib.nullcontext()):
             return emb(ids.to(self.device))
 
+    def capture_inputs(self, batches: Sequence[torch.Tensor], layer_ids: set[int], last: int) -> dict[int, list[torch.Tensor]]:
+        """One no-grad pass of the embedding and decoder layers ``0 .. last - 1`` (each held on the device
+        once, for all batches): {j: the input (batch, seqlen, hidden) of decoder layer j per batch} for
+        the ``j <= last`` in ``layer_ids``, on ``home`` (the host when the layers live there). Layer
+        ``last`` itself does not run; forward hooks on the layers that do see every batch."""
+        store: dict[int, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            hs = [self.embed(b) for b in batches]
+            for j in range(last + 1):
+                if j in layer_ids:
+                    store[j] = [h.to(self.home) for h in hs]
+                if j == last:
+                    break
+                with self.hold_layer(j):
+                    hs = [self.run_layer(j, h) for h in hs]
+        return store
+
+    def propagate(self, hidden: list[torch.Tensor], start: int, stop: int) -> list[torch.Tensor]:
+        """No grad: the inputs of decoder layer ``stop`` from those of layer ``start`` (one (batch, seqlen,
+        hidden) tensor per batch), each layer held on the device once for all batches; on ``home``."""
+        h = hidden
+        with torch.no_grad():
+            for j in range(start, stop):
+                with self.hold_layer(j):
+                    h = [self.run_layer(j, x.to(self.device)).to(self.home) for x in h]
+        return h
+
     def head_loss(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The model's loss of the last decoder layer's output ``hidden`` (final norm, lm_head, loss)."""
         x = self.adapter.final_norm(self.model)(hidden)
@@ -105,7 +145,7 @@ class _Runner:
         probed weights (the layers below it only run forward)."""
         ids = self.batches[b]
         if not self.streamed:
-            _backward(self.full_loss(ids))
+            scalar_backward(self.full_loss(ids))
             return
         h = self.embed(ids)
         with torch.no_grad():
@@ -120,11 +160,11 @@ class _Runner:
         if self.streamed:
             self.streamer(hidden, start, len(self.layers), lambda x: self.head_loss(x, self.batches[b]))
         else:
-            _backward(self.tail_loss(start, hidden, self.batches[b]))
+            scalar_backward(self.tail_loss(start, hidden, self.batches[b]))
 
     def block_backward(self, j: int, hidden: torch.Tensor) -> None:
         """Regional mode: backward of ||layer_j(hidden)||^2 (layer j already on the device)."""
-        _backward(self.block_loss(j, hidden.to(self.device)))
+        scalar_backward(self.block_loss(j, hidden.to(self.device)))
 
     def grad_pass(self, params: Sequence[nn.Parameter], backward_of_batch: Callable[[int], None]) -> list[torch.Tensor]:
         """max over batches of |dL/dp| for each of ``params`` (same dtype/shape), accumulated in a hook;
@@ -163,7 +203,8 @@ class _Runner:
         return [distributed.all_max_(acc[id(p)]) for p in params]  # the max over every rank's batches
 
 
-def _backward(loss: Any) -> None:
+def scalar_backward(loss: Any) -> None:
+    """``loss.backward()`` of a 0-dim tensor; anything else is a ValueError (a user's ``loss``)."""
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise ValueError("loss must return a scalar (0-dim) tensor")
     loss.backward()
