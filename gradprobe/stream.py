@@ -185,8 +185,8 @@ def trim_heap() -> None:
     elsewhere). glibc serves allocations below its dynamic mmap threshold (up to 32 MiB: a layer's
     weights, the selection's chunk temporaries) from the heap and keeps the freed pages; over many layers
     the process then grows by tens of MiB per layer read although nothing is live (measured: the
-    streamed global selection of a 24-layer 2.5 GiB model peaked at 1.57 GiB without the trim, 0.77 GiB
-    with glibc's threshold fixed)."""
+    streamed global selection of a 24-layer 2.5 GiB model peaked at 1.57 GiB without the trim, 0.84 GiB
+    with it)."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)

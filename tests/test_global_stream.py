@@ -241,7 +241,7 @@ def test_cli_stream_scope_global_equals_in_memory(tmp_path):
 def test_streamed_global_peak_memory(tmp_path):
     """A 2.5 GiB bf16 Llama (hidden 2048, intermediate 5504, 24 layers, vocab 32000) pruned with magnitude
     scope "global" in a subprocess: three reads of every layer, one layer in memory at a time. Measured
-    0.99 GiB peak (VmHWM) = 39 % of the weights: ~0.45 GiB of torch/transformers, then about one layer,
+    0.84 GiB peak (VmHWM) = 33 % of the weights: ~0.45 GiB of torch/transformers, then about one layer,
     its masks and the checkpoint write, whatever the number of layers; it must stay under half."""
     import json
     import os

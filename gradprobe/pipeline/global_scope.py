@@ -56,7 +56,7 @@ HI_SHIFT = 16
 HI_BINS = 1 << 15  # key >> 16 of a score >= +0.0 is < 2^15 (sign bit 0)
 LO_BINS = 1 << 16
 LO_MASK = LO_BINS - 1
-CHUNK = 1 << 22  # elements whose scores are formed at once (16 MiB of fp32 temporaries per array)
+CHUNK = 1 << 20  # elements whose scores are formed at once (4 MiB of fp32 temporaries per array)
 
 # the streamed checkpoint of a globally pruned layer also carries that layer's dense norms, so a
 # resumed run can recompute the threshold without the norms checkpoint the layer record replaced
@@ -432,7 +432,8 @@ def _prune_streamed(
             layer_rows.append(_row(i, name, lin.weight, m, p.config.sparsity, secs))
             masks.append(m)
             trim_heap()
-        distributed.agree(f"global masks of group {i}", distributed.masks_digest(masks))  # before any write
+        if distributed.active():  # every rank selected the same masks, before anything is written
+            distributed.agree(f"global masks of group {i}", distributed.masks_digest(masks))
         tensors = {n: lin.weight for n, lin in p.groups[i].items()}
         if norms is not None:
             tensors |= {NORM_PREFIX + n: norms[(i, n)] for n in p.groups[i]}
