@@ -190,8 +190,8 @@ class PruneConfig:
     @property
     def needs_calibration(self) -> bool:
         """True for methods that read calibration activations (Wanda, SparseGPT, a selector needing them)."""
-        if self.selector is not None:
-            return self.selector.needs != "weights"
+        if self.selector is not None:  # a selector asking for gradients runs the layers over the windows
+            return self.selector.needs != "weights" or bool(getattr(self.selector, "gradients", False))
         return self.method in CALIBRATED_METHODS
 
     @property

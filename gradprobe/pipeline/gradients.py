@@ -170,37 +170,82 @@ class GradientRunner:
         """max over batches of |dL/dp| for each of ``params`` (same dtype/shape), accumulated in a hook;
         ``backward_of_batch(i)`` runs batch i's backward. With ``park`` set the running max of a tensor
         waits there between its layer's visits to the device (model mode, layers on the host)."""
-        acc: dict[int, torch.Tensor] = {}
-
-        def hook(p: torch.Tensor) -> None:
-            g = p.grad
-            p.grad = None  # only this batch's gradient of this tensor is ever alive
-            a = acc.get(id(p))
-            if a is None:
-                a = g.abs()
-            else:
-                a = a.to(g.device)
-                torch.ops.gradprobe.probe_accumulate_(a, g)
-            acc[id(p)] = a if self.park is None else a.to(self.park)
-
-        handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
-        try:
-            from tqdm.auto import tqdm
-
-            desc = "probe G0" if self.passes % 2 == 0 else "probe G1"
-            for i in tqdm(range(len(self.batches)), desc=desc, unit="batch", disable=not self.progress):
-                with torch.enable_grad():
-                    backward_of_batch(i)
-        finally:
-            for h in handles:
-                h.remove()
-            for p in params:
-                p.grad = None
+        desc = "probe G0" if self.passes % 2 == 0 else "probe G1"
+        out = max_abs_grads(params, backward_of_batch, len(self.batches), park=self.park,
+                            progress=self.progress, desc=desc)
         self.passes += 1
-        missing = [i for i, p in enumerate(params) if id(p) not in acc]
-        if missing:
-            raise RuntimeError(f"{len(missing)} probed tensors received no gradient; does the loss depend on them?")
-        return [distributed.all_max_(acc[id(p)]) for p in params]  # the max over every rank's batches
+        return out
+
+
+def max_abs_grads(
+    params: Sequence[nn.Parameter],
+    backward_of_batch: Callable[[int], None],
+    n_batches: int,
+    *,
+    park: torch.device | None = None,
+    progress: bool = False,
+    desc: str = "gradients",
+) -> list[torch.Tensor]:
+    """max over ``n_batches`` batches of |dL/dp| for each of ``params`` (each of its parameter's dtype and
+    shape), reduced with MAX over the ranks; ``backward_of_batch(i)`` runs batch i's backward (with grad
+    enabled). Accumulated in a post-accumulate-grad hook (``gradprobe::probe_accumulate_``), so only one
+    batch's gradient of a tensor is ever alive; ``park`` = where a running max waits between batches."""
+    acc: dict[int, torch.Tensor] = {}
+
+    def hook(p: torch.Tensor) -> None:
+        g = p.grad
+        p.grad = None  # only this batch's gradient of this tensor is ever alive
+        a = acc.get(id(p))
+        if a is None:
+            a = g.abs()
+        else:
+            a = a.to(g.device)
+            torch.ops.gradprobe.probe_accumulate_(a, g)
+        acc[id(p)] = a if park is None else a.to(park)
+
+    handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
+    try:
+        from tqdm.auto import tqdm
+
+        for i in tqdm(range(n_batches), desc=desc, unit="batch", disable=not progress):
+            with torch.enable_grad():
+                backward_of_batch(i)
+    finally:
+        for h in handles:
+            h.remove()
+        for p in params:
+            p.grad = None
+    missing = [i for i, p in enumerate(params) if id(p) not in acc]
+    if missing:
+        raise RuntimeError(f"{len(missing)} probed tensors received no gradient; does the loss depend on them?")
+    return [distributed.all_max_(acc[id(p)]) for p in params]  # the max over every rank's batches
+
+
+def block_gradients(calib: Any, layer: nn.Module, layer_idx: int, src: torch.Tensor) -> Callable[[Sequence[nn.Parameter]], list[torch.Tensor]]:
+    """The gradient callback the layerwise pipeline gives a selector that asks for one: for ``params`` of
+    decoder layer ``layer_idx`` (on the device with it), the max over the calibration windows ``src``
+    (n, seqlen, hidden), in batches of ``calib.batch_size``, of |dL/dp| with the block-local loss
+    L = ||layer(x)||_2^2 (fp32) — the probe's regional loss, from the layer's pipeline inputs."""
+    bs = calib.batch_size
+    n = -(-src.shape[0] // bs)
+
+    def backward_of_batch(b: int) -> None:
+        x = src[b * bs : (b + 1) * bs]
+        out = calib.adapter.layer_output(layer(x, **calib.kwargs_for(layer_idx, x.shape[0])))
+        scalar_backward(out.to(torch.float32).pow(2).sum())
+
+    def grads(params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+        flags = {id(q): q.requires_grad for q in layer.parameters()}
+        wanted = {id(q) for q in params}
+        try:
+            for q in layer.parameters():  # only the asked-for weights get (and hold) gradients
+                q.requires_grad_(id(q) in wanted)
+            return max_abs_grads(params, backward_of_batch, n)
+        finally:
+            for q in layer.parameters():
+                q.requires_grad_(flags[id(q)])
+
+    return grads
 
 
 def scalar_backward(loss: Any) -> None:

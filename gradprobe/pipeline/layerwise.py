@@ -48,6 +48,7 @@ from gradprobe.pipeline.calibration import (
     check_batches,
     on_device,
 )
+from gradprobe.pipeline.gradients import block_gradients
 from gradprobe.plan import build_plan
 from gradprobe.report import PruneReport, TensorRow
 from gradprobe.stats import ChannelStats
@@ -130,6 +131,12 @@ class LayerwisePruner:
             batches = check_batches(batches, getattr(model.config, "vocab_size", None))
         self.batches = batches if self.wanda else None
         self.selector = selector_for(config)
+        self.gradients = bool(getattr(self.selector, "gradients", False))  # it asks for a gradient callback
+        if self.gradients and (config.include_lm_head or config.scope == "global"):
+            raise ValueError(
+                "a gradient selector (e.g. ProbeSelector) prunes decoder layers one at a time with their block-local "
+                "loss; it cannot take lm_head (include_lm_head=False) or scope='global'"
+            )
         self.hessian = self.selector.needs == "hessian"
         if self.hessian and distributed.active():
             raise ValueError(
@@ -167,12 +174,18 @@ class LayerwisePruner:
 
         return tqdm(total=total, desc=desc, unit="layer", disable=not self.config.progress)
 
-    def _prune_group(self, i: int, stats: dict[str, ChannelStats] | None) -> list[TensorRow]:
-        """The selector prunes group ``i`` to the plan; the ranks agree on the masks before any write."""
+    def _prune_group(
+        self, i: int, stats: dict[str, ChannelStats] | None, gradients: Callable | None = None
+    ) -> list[TensorRow]:
+        """The selector prunes group ``i`` to the plan (``gradients``: the block-local gradient callback,
+        for a selector that asks for one); the ranks agree on the masks before anything is written."""
         linears = self.groups[i]
         targets = {name: self.plan[(i, name)] for name in linears}
         t0 = time.perf_counter()
-        masks = self.selector.select_(i, linears, stats, targets)
+        if gradients is not None:
+            masks = self.selector.select_(i, linears, stats, targets, gradients=gradients)
+        else:
+            masks = self.selector.select_(i, linears, stats, targets)
         secs = time.perf_counter() - t0
         total = sum(lin.weight.numel() for lin in linears.values()) or 1
         rows = [
@@ -263,10 +276,12 @@ class LayerwisePruner:
                     self._restore(i)
                     layer_rows = self.resume.rows(i)
                 else:
-                    stats = None
-                    if calib is not None:
+                    stats = grads = None
+                    if calib is not None and self.selector.needs != "weights":
                         stats = calib.layer_stats(layer, i, self.groups[i], inps, hessian=self.hessian).stats
-                    layer_rows = self._prune_group(i, stats)
+                    if self.gradients:
+                        grads = block_gradients(calib, layer, i, inps)
+                    layer_rows = self._prune_group(i, stats, grads)
                 if calib is not None:
                     calib.run_layer(layer, i, inps, outs)  # outputs of the pruned layer feed layer i + 1
             if calib is not None:

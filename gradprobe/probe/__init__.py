@@ -115,6 +115,7 @@ from gradprobe.probe.modes import (  # noqa: F401  (re-exported)
 )
 from gradprobe.probe.resume import _norms_digest, _Resume  # noqa: F401  (re-exported)
 from gradprobe.probe.rule import KEY_MAX, RATIO_MAX, _candidates, _Exact, exact_key, select_by_key  # noqa: F401
+from gradprobe.probe.selector import ProbeSelector  # noqa: F401  (re-exported)
 from gradprobe.probe.state import ProbeResult, TensorProbe  # noqa: F401  (re-exported)
 from gradprobe.probe.targets import _Norms, _Target, _targets  # noqa: F401  (re-exported)
 from gradprobe.probe.tolerance import (  # noqa: F401  (re-exported)
