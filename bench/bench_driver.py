@@ -23,7 +23,15 @@ layer-0 inputs caught with a Catcher into buffers sized to the model's maximum c
 (``--max-context``, Llama-2: 4096) although only ``seqlen`` positions are used, fp32 running-mean
 ``scaler_row`` per linear, ``torch.sort`` of every row, then the pruned layer recomputes the outputs.
 
+``probe``: the gradient probe's time per gradient pass over the floor of that pass, one forward +
+backward of the model loss per calibration batch (whole graph, only the decoder linears requiring
+grad), on the embedded model and the same batches, interleaved: ``probe_prune_(mode="model")`` with the
+streamed forward/backward (one decoder layer's graph at a time) and with the whole graph
+(``streamed=False``); per pass = the run's seconds / 2 (G0 and G1; candidate selection and decisions
+included). Markdown into ``bench/results/probe_ratio.md``.
+
 Usage: python bench/bench_driver.py [ratio] [--nsamples 16] [--seqlen 256] [--repeats 3] [--layers N]
+       python bench/bench_driver.py probe [--nsamples 4] [--seqlen 128] [--repeats 3]
        python bench/bench_driver.py reference [--layers 2] [--nsamples 4] [--seqlen 128]
 ``reference`` prints a Markdown table: wall seconds, peak extra RSS, achieved sparsity, mask agreement.
 """
@@ -138,6 +146,7 @@ def reference_style_wanda(model, batches, sparsity: float, max_context: int):
 RATIO_GOAL = 1.15
 NOTES_MARKER = "<!-- notes: kept when the bench rewrites this file -->"
 RATIO_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "driver_ratio.md")
+PROBE_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "probe_ratio.md")
 
 
 def _loadavg() -> str:
@@ -308,9 +317,89 @@ def ratio_main(a) -> None:
         os.replace(tmp, a.out)  # atomic: a reader never sees half a table
 
 
+def probe_main(a) -> None:
+    import statistics
+
+    from _harness import machine_info
+
+    from gradprobe.data import calibration_batches
+    from gradprobe.embedded import load_default_model
+    from gradprobe.models import get_adapter
+
+    torch.manual_seed(0)
+    model, tok = load_default_model()
+    if a.layers is not None:
+        del model.model.layers[a.layers :]
+        model.config.num_hidden_layers = a.layers
+    batches = calibration_batches(tok, nsamples=a.nsamples, seqlen=a.seqlen, seed=0)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    ad = get_adapter(model)
+    linears = [lin.weight for layer in ad.decoder_layers(model) for lin in ad.prunable_linears(layer).values()]
+
+    def floor() -> None:  # one forward + backward of the model loss per batch: what a gradient pass must do
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in linears:
+            w.requires_grad_(True)
+        try:
+            for b in batches:
+                model(input_ids=b[None], labels=b[None]).loss.backward()
+                for w in linears:
+                    w.grad = None
+        finally:
+            for w in linears:
+                w.requires_grad_(False)
+
+    def probe(streamed: bool):
+        return lambda: gradprobe.probe_prune_(model, batches, 0.5, mode="model", streamed=streamed)
+
+    def timed(fn) -> float:
+        model.load_state_dict(dense)
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    load_before = _loadavg()
+    runs = {"floor": floor, "streamed": probe(True), "whole graph": probe(False)}
+    for fn in runs.values():
+        timed(fn)  # warm-up
+    secs: dict[str, list[float]] = {k: [] for k in runs}
+    order = list(runs)
+    for r in range(a.repeats):  # interleaved, the order rotating
+        for k in order[r % 3 :] + order[: r % 3]:
+            secs[k].append(timed(runs[k]))
+        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in secs.items()), flush=True)
+    model.load_state_dict(dense)
+    med = {k: statistics.median(v) for k, v in secs.items()}
+    info = machine_info("cpu")
+    lines = [
+        "# Gradient probe: time per gradient pass / (forward + backward)",
+        "",
+        f"Embedded SmolLM2-135M ({len(model.model.layers)} layers, fp32), {a.nsamples} batches of 1 x {a.seqlen} "
+        f"tokens, `probe_prune_(mode=\"model\")`, Wanda 50 % row; CPU {info['machine']}, {info['threads']} threads, "
+        f"torch {info['torch_version']}, gradprobe {info['git_sha']}. Load before {load_before}, after {_loadavg()}. "
+        f"`python bench/bench_driver.py probe --repeats {a.repeats}`. Floor: forward + backward of the model loss "
+        "per batch (whole graph, decoder linears requiring grad). Per pass = probe seconds / 2 (G0, G1).",
+        "",
+        "| run | median s | per pass s | per pass / floor |",
+        "|---|---:|---:|---:|",
+        f"| floor (forward + backward, every batch) | {med['floor']:.2f} | {med['floor']:.2f} | 1.000 |",
+    ]
+    for k in ("streamed", "whole graph"):
+        lines.append(f"| probe, {k} | {med[k]:.2f} | {med[k] / 2:.2f} | {med[k] / 2 / med['floor']:.3f} |")
+    lines += ["", "Rounds (s): " + "; ".join(f"{k}: " + ", ".join(f"{x:.2f}" for x in v) for k, v in secs.items())]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        tmp = a.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, a.out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("mode", nargs="?", choices=["ratio", "reference"], default="ratio")
+    ap.add_argument("mode", nargs="?", choices=["ratio", "reference", "probe"], default="ratio")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (reference: 2; ratio: all 30)")
     ap.add_argument("--nsamples", type=int, default=None, help="reference: 4; ratio: 16")
     ap.add_argument("--seqlen", type=int, default=None, help="reference: 128; ratio: 256")
@@ -326,7 +415,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    if a.mode == "ratio":
+    if a.mode == "probe":
+        a.nsamples = a.nsamples or 4
+        a.seqlen = a.seqlen or 128
+        if a.out == RATIO_MD:
+            a.out = PROBE_MD
+        probe_main(a)
+    elif a.mode == "ratio":
         a.nsamples = a.nsamples or 16
         a.seqlen = a.seqlen or 256
         ratio_main(a)
