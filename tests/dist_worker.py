@@ -203,6 +203,7 @@ CASES = {
     "owl": _owl,
     "probe_layerwise": lambda: _probe("layerwise", "row"),
     "probe_model_global": lambda: _probe("model", "global"),
+    "probe_selector": lambda: _wanda(selector=__import__("gradprobe.probe", fromlist=["ProbeSelector"]).ProbeSelector()),
     "all_max": _all_max,
     "stream": _stream,
     "stream_global": _stream_global,

@@ -20,7 +20,7 @@ import torch
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 ROOT = WORKER.parent.parent
 MASK_CASES = ["wanda_row", "wanda_layer", "wanda_global", "wanda_24", "wanda_head", "owl", "probe_layerwise",
-              "probe_model_global", "all_max", "stream", "stream_global", "global_split", "cli", "cli_probe"]
+              "probe_model_global", "probe_selector", "all_max", "stream", "stream_global", "global_split", "cli", "cli_probe"]
 
 
 def _free_port() -> int:

@@ -224,14 +224,14 @@ def max_abs_grads(
 def block_gradients(calib: Any, layer: nn.Module, layer_idx: int, src: torch.Tensor) -> Callable[[Sequence[nn.Parameter]], list[torch.Tensor]]:
     """The gradient callback the layerwise pipeline gives a selector that asks for one: for ``params`` of
     decoder layer ``layer_idx`` (on the device with it), the max over the calibration windows ``src``
-    (n, seqlen, hidden), in batches of ``calib.batch_size``, of |dL/dp| with the block-local loss
-    L = ||layer(x)||_2^2 (fp32) — the probe's regional loss, from the layer's pipeline inputs."""
-    bs = calib.batch_size
-    n = -(-src.shape[0] // bs)
+    (n, seqlen, hidden) of |dL/dp| with the block-local loss L = ||layer(x)||_2^2 (fp32) of each window
+    x alone — the probe's regional loss, from the layer's pipeline inputs. One backward per window, so
+    the statistic is the same for every batch size and world size (MAX is exact in any order)."""
+    n = src.shape[0]
 
     def backward_of_batch(b: int) -> None:
-        x = src[b * bs : (b + 1) * bs]
-        out = calib.adapter.layer_output(layer(x, **calib.kwargs_for(layer_idx, x.shape[0])))
+        x = src[b : b + 1]
+        out = calib.adapter.layer_output(layer(x, **calib.kwargs_for(layer_idx, 1)))
         scalar_backward(out.to(torch.float32).pow(2).sum())
 
     def grads(params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
