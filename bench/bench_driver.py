@@ -219,6 +219,18 @@ def _profile_parts(fn) -> tuple[float, list[tuple[str, float]]]:
     return total, parts
 
 
+def _timer(model, dense: dict):
+    """``timed(fn)``: restore the dense weights, then the wall seconds of ``fn()``."""
+
+    def timed(fn) -> float:
+        model.load_state_dict(dense)
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    return timed
+
+
 def ratio_main(a) -> None:
     import statistics
 
@@ -240,11 +252,7 @@ def ratio_main(a) -> None:
     def prune() -> None:
         gradprobe.prune(model, batches, cfg)
 
-    def timed(fn) -> float:
-        model.load_state_dict(dense)
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+    timed = _timer(model, dense)
 
     load_before = _loadavg()
     for _ in range(a.warmup):
@@ -353,11 +361,7 @@ def probe_main(a) -> None:
     def probe(streamed: bool):
         return lambda: gradprobe.probe_prune_(model, batches, 0.5, mode="model", streamed=streamed)
 
-    def timed(fn) -> float:
-        model.load_state_dict(dense)
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+    timed = _timer(model, dense)
 
     load_before = _loadavg()
     runs = {"floor": floor, "streamed": probe(True), "whole graph": probe(False)}

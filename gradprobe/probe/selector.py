@@ -55,14 +55,9 @@ class ProbeSelector:
     def needs(self) -> str:
         return "norms" if self.method == "wanda" else "weights"
 
-    def select_(
-        self,
-        layer_idx: int,
-        linears: Mapping[str, nn.Linear],
-        stats: Mapping[str, ChannelStats] | None,
-        targets: Mapping[str, Target],
-        gradients: GradientFn | None = None,
-    ) -> dict[str, torch.Tensor]:
+    def select_(self, layer_idx: int, linears: Mapping[str, nn.Linear], stats: Mapping[str, ChannelStats] | None,
+                targets: Mapping[str, Target], gradients: GradientFn | None = None) -> dict[str, torch.Tensor]:
+        """:meth:`gradprobe.methods.Selector.select_` with the pipeline's gradient callback ``gradients``."""
         if gradients is None:
             raise ValueError("ProbeSelector needs the pipeline's gradient callback (gradients=...)")
         bad = [n for n, t in targets.items() if t.nm is not None or t.count is not None]
