@@ -119,7 +119,7 @@ def _probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spa
                                                  norms, r, threshold, n_max, a["progress"], exact=exact,
                                                  regional=mode == "regional", resume=resume)
     except BaseException:  # any error or interrupt: the model gets back every value the run changed
-        _undo(runner)
+        _undo(runner.changed)
         raise
     finally:
         for p in model.parameters():
@@ -130,22 +130,26 @@ def _probe(model: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor], spa
     return ProbeResult(tensors, threshold, mode, time.perf_counter() - start, runner.passes, info, restored)
 
 
-def _probe_group(runner: _Runner, targets: Sequence[_Target], backward_of_batch: Callable[[int], None],
+def _probe_group(grad_pass: Callable[[list[nn.Parameter]], list[torch.Tensor]],
+                 changed: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]], targets: Sequence[_Target],
                  cands: Callable[[], list[tuple[torch.Tensor, _Exact | None]]],
                  r: float, threshold: GradientThreshold, n_max: int,
                  after_g0: Callable[[list, list[torch.Tensor]], None] | None = None,
                  g0_state: tuple[list, list[torch.Tensor]] | None = None) -> dict[str, TensorProbe]:
     """G0 pass, candidates (``cands`` is called after G0, so norm hooks of that pass are complete),
-    scale by r, G1 pass, decide + restore + zero. Only ``targets`` require grad meanwhile.
+    scale by r, G1 pass, decide + restore + zero. ``grad_pass(params)`` = each param's max |grad| over
+    the batches; ``targets`` require grad meanwhile (their flags are restored afterwards). Every write
+    is logged in ``changed`` (param, candidates, original values) before it happens, for an undo.
 
     ``after_g0(chosen, g0c)`` sees the candidates and their fp32 G0 (a checkpoint); ``g0_state`` = such a
     (chosen, g0c) pair skips the G0 pass (a resumed run)."""
     params = [t.param for t in targets]
+    flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
     try:
         if g0_state is None:
-            g0 = runner.grad_pass(params, backward_of_batch)
+            g0 = grad_pass(params)
             chosen = cands()
             with torch.no_grad():
                 g0c = [g[m].to(torch.float32) for g, (m, _) in zip(g0, chosen, strict=True)]
@@ -159,12 +163,12 @@ def _probe_group(runner: _Runner, targets: Sequence[_Target], backward_of_batch:
             for p, (m, _) in zip(params, chosen, strict=True):
                 b = p.data[m]  # the only copy the probe keeps: original candidate values
                 backups.append(b)
-                runner.changed.append((p, m, b))  # before the write: an error inside it is undone too
+                changed.append((p, m, b))  # before the write: an error inside it is undone too
                 p.data.masked_scatter_(m, b * r)
-        g1 = runner.grad_pass(params, backward_of_batch)
+        g1 = grad_pass(params)
     finally:
-        for p in params:
-            p.requires_grad_(False)
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
     out = {}
     with torch.no_grad():
         for t, (m, plan), b, a, g in zip(targets, chosen, backups, g0c, g1, strict=True):
@@ -199,8 +203,8 @@ def _probe_model(runner: _Runner, all_targets, live, cand_s, method, scope, norm
     if runner.moves:
         runner.park = runner.home
     try:
-        return _probe_group(runner, all_targets, lambda b: runner.model_backward(b, min(live)), cands, r, threshold,
-                            n_max, after_g0, g0_state)
+        return _probe_group(lambda ps: runner.grad_pass(ps, lambda b: runner.model_backward(b, min(live))),
+                            runner.changed, all_targets, cands, r, threshold, n_max, after_g0, g0_state)
     finally:
         runner.park = None
         if collector is not None:
@@ -223,12 +227,12 @@ def _capture_inputs(runner: _Runner, batch_list, layer_ids: set[int], collect_no
     return store, collector.remove() if collector is not None else {}
 
 
-def _undo(runner: _Runner) -> None:
-    """Put every candidate the run changed back to its original value (newest first)."""
+def _undo(changed: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]) -> None:
+    """Put every candidate of the undo log ``changed`` back to its original value (newest first)."""
     with torch.no_grad():
-        for p, m, b in reversed(runner.changed):
+        for p, m, b in reversed(changed):
             p.data.masked_scatter_(m.to(p.device), b.to(p.device))
-    runner.changed.clear()
+    changed.clear()
 
 
 def _to_home(tp: TensorProbe) -> TensorProbe:
@@ -297,7 +301,8 @@ def _probe_layerwise(runner, groups, seq, done, batch_list, sparsity, method, sc
             runner.park = runner.home
         try:
             with runner.hold_layer(i) if regional else contextlib.nullcontext():
-                got = _probe_group(runner, targets, backward_of_batch, cands, r, threshold, n_max)
+                got = _probe_group(lambda ps, bb=backward_of_batch: runner.grad_pass(ps, bb), runner.changed, targets,
+                                   cands, r, threshold, n_max)
         finally:
             runner.park = None
             if collector is not None:

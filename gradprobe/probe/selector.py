@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from gradprobe.plan import Target
-from gradprobe.probe.state import TensorProbe
-from gradprobe.probe.tolerance import GradientThreshold, check_threshold, resolve_threshold
+from gradprobe.probe.modes import _probe_group, _undo
+from gradprobe.probe.targets import _Target
+from gradprobe.probe.tolerance import GradientThreshold, check_threshold
 from gradprobe.select import prune_mask
 from gradprobe.stats import ChannelStats
 
@@ -66,33 +67,22 @@ class ProbeSelector:
                 f"ProbeSelector prunes fractions per row or per tensor; layer {layer_idx} {bad[0]} has an N:M or "
                 "exact-count target (the probe restores candidates, which an N:M group or a count cannot absorb)"
             )
-        names = list(linears)
-        params = [linears[n].weight for n in names]
-        g0 = gradients(params)
-        with torch.no_grad():
-            cands = []
-            for n, p in zip(names, params, strict=True):
-                norm = stats[n].norm().to(p.device) if self.method == "wanda" and stats is not None else None
-                t = targets[n]
-                cands.append(prune_mask(p.data, t.fraction, norm=norm, scope=t.scope))
-            g0c = [g[m].to(torch.float32) for g, m in zip(g0, cands, strict=True)]
-            del g0
-            backups = []
-            for p, m in zip(params, cands, strict=True):
-                b = p.data[m]  # the only copy kept: the candidates' original values
-                backups.append(b)
-                p.data.masked_scatter_(m, b * self.reduction_factor)
+        probed = [_Target(n, layer_idx, n, lin) for n, lin in linears.items()]
+
+        def cands() -> list[tuple[torch.Tensor, None]]:
+            out = []
+            for t in probed:
+                norm = stats[t.name].norm().to(t.param.device) if self.method == "wanda" and stats is not None else None
+                tgt = targets[t.name]
+                out.append((prune_mask(t.param.data, tgt.fraction, norm=norm, scope=tgt.scope), None))
+            return out
+
+        changed: list = []  # the undo log: an interrupted probe leaves the layer as it found it
+        n_max = max(t.param.numel() for t in probed)
         try:
-            g1 = gradients(params)
+            got = _probe_group(gradients, changed, probed, cands, self.reduction_factor, self.gradient_threshold,
+                               n_max)
         except BaseException:
-            with torch.no_grad():  # an interrupted probe leaves the layer as it found it
-                for p, m, b in zip(params, cands, backups, strict=True):
-                    p.data.masked_scatter_(m, b)
+            _undo(changed)
             raise
-        n_max = max(p.numel() for p in params)
-        out = {}
-        with torch.no_grad():
-            for n, p, m, b, a, g in zip(names, params, cands, backups, g0c, g1, strict=True):
-                tp = TensorProbe(n, layer_idx, n, p, m, b, a, g[m].to(torch.float32))
-                out[n] = tp.apply_(resolve_threshold(self.gradient_threshold, n, layer_idx, n, p.numel(), n_max))
-        return out
+        return {n: tp.mask for n, tp in got.items()}
