@@ -144,10 +144,11 @@ def _result(model, params, masks, steps, baseline, threshold, resumed_from, prob
     target = accepted[-1].target if accepted else 0.0
     config = PruneConfig(method=probe_kwargs.get("method", "wanda"), sparsity=target,
                          scope=probe_kwargs.get("scope", "row"), progress=False)
-    base = PruneReport.from_masks(model, full, config, target=target, seconds=time.perf_counter() - t_run)
-    fields_ = {f: getattr(base, f) for f in ("rows", "config", "model_type", "seconds")}
-    return IterativeResult(**fields_, masks=masks, steps=steps, baseline=baseline, threshold=threshold,
-                           resumed_from=resumed_from, run={"method": "iterative probe"})
+    res = IterativeResult.from_masks(model, full, config, target=target, seconds=time.perf_counter() - t_run,
+                                     steps=steps, baseline=baseline, threshold=threshold, resumed_from=resumed_from,
+                                     run={"method": "iterative probe"})
+    res.masks = masks  # the accepted steps' masks only (empty if none); the rows cover every probed tensor
+    return res
 
 
 def _describe(spec: GradientThreshold) -> str:
