@@ -130,7 +130,7 @@ class GradientRunner:
 
     def block_loss(self, j: int, hidden: torch.Tensor) -> torch.Tensor:
         """Regional loss: squared L2 norm (fp32) of decoder layer ``j``'s output for its input ``hidden``."""
-        return self.run_layer(j, hidden).to(torch.float32).pow(2).sum()
+        return regional_loss(self.run_layer(j, hidden))
 
     def tail_loss(self, start: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Loss of the model run from the input ``hidden`` (batch, seqlen, hidden) of layer ``start``."""
@@ -232,7 +232,7 @@ def block_gradients(calib: Any, layer: nn.Module, layer_idx: int, src: torch.Ten
     def backward_of_batch(b: int) -> None:
         x = src[b : b + 1]
         out = calib.adapter.layer_output(layer(x, **calib.kwargs_for(layer_idx, 1)))
-        scalar_backward(out.to(torch.float32).pow(2).sum())
+        scalar_backward(regional_loss(out))
 
     def grads(params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
         flags = {id(q): q.requires_grad for q in layer.parameters()}
@@ -246,6 +246,11 @@ def block_gradients(calib: Any, layer: nn.Module, layer_idx: int, src: torch.Ten
                 q.requires_grad_(flags[id(q)])
 
     return grads
+
+
+def regional_loss(out: torch.Tensor) -> torch.Tensor:
+    """The block-local loss of a decoder layer's output ``out`` (batch, seqlen, hidden): ||out||_2^2 in fp32."""
+    return out.to(torch.float32).pow(2).sum()
 
 
 def scalar_backward(loss: Any) -> None:
