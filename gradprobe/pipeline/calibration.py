@@ -17,7 +17,7 @@ Under ``torch.distributed`` each rank embeds and propagates only its contiguous 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -199,6 +199,38 @@ class LayerProvider(Protocol):
 
 
 
+def dense_norm_pass(
+    calib: Calibration,
+    layers: Sequence[nn.Module],
+    linears: Callable[[int], dict[str, nn.Linear]],
+    device: torch.device | str,
+    *,
+    restored: Callable[[int], dict[str, torch.Tensor] | None] = lambda i: None,
+    materialize: Callable[[int], None] = lambda i: None,
+    release: Callable[[int], None] = lambda i: None,
+) -> Iterator[tuple[int, dict[str, torch.Tensor], bool, torch.Tensor]]:
+    """One walk over the *dense* model: for each decoder layer ``i`` in turn (held on ``device``; its
+    weights supplied by ``materialize(i)`` / dropped by ``release(i)`` when streamed), yields
+    ``(i, norms, was_restored, hidden)``: {name: fp32 (in_features,) CPU input norm} of ``linears(i)``
+    over the calibration windows, or ``restored(i)`` when a checkpoint has them (the layer then only
+    runs), and the layer's dense outputs (n, seqlen, hidden), which feed layer ``i + 1`` (the last
+    one: the input of the final norm)."""
+    inps, outs = calib.inputs, torch.empty_like(calib.inputs)
+    for i, layer in enumerate(layers):
+        saved = restored(i)
+        materialize(i)
+        with on_device(layer, device):
+            if saved is not None:
+                calib.run_layer(layer, i, inps, outs)
+                norms = saved
+            else:
+                st = calib.layer_stats(layer, i, linears(i), inps, outs)
+                norms = {k: v.cpu() for k, v in st.norms().items()}
+        release(i)
+        inps, outs = outs, inps
+        yield i, norms, saved is not None, inps
+
+
 @torch.no_grad()
 def dense_norms(
     model: nn.Module, batches: torch.Tensor, config: PruneConfig | None = None
@@ -214,13 +246,10 @@ def dense_norms(
     ad = get_adapter(model)
     batches = check_batches(batches, getattr(model.config, "vocab_size", None))
     calib = capture_calibration(model, batches, config, ad)
-    inps, outs = calib.inputs, torch.empty_like(calib.inputs)
-    out: dict[tuple[int, str], torch.Tensor] = {}
     layers = ad.decoder_layers(model)
-    for i, layer in enumerate(tqdm(layers, desc="dense norms", unit="layer", disable=not config.progress)):
-        with on_device(layer, config.device):
-            st = calib.layer_stats(layer, i, ad.prunable_linears(layer), inps, outs)
-        for name, v in st.norms().items():
-            out[(i, name)] = v.float().cpu()
-        inps, outs = outs, inps
+    out: dict[tuple[int, str], torch.Tensor] = {}
+    walk = dense_norm_pass(calib, layers, lambda i: ad.prunable_linears(layers[i]), config.device)
+    for i, norms, _, _ in tqdm(walk, total=len(layers), desc="dense norms", unit="layer", disable=not config.progress):
+        for name, v in norms.items():
+            out[(i, name)] = v
     return out

@@ -45,7 +45,7 @@ import torch
 
 from gradprobe import distributed
 from gradprobe.ops._checks import check_finite
-from gradprobe.pipeline.calibration import EMBEDDINGS, LM_HEAD, capture_calibration, on_device
+from gradprobe.pipeline.calibration import EMBEDDINGS, LM_HEAD, capture_calibration, dense_norm_pass
 from gradprobe.select import check_norm, check_sparsity, check_weight, global_prune_, num_pruned, score
 
 if TYPE_CHECKING:
@@ -290,41 +290,39 @@ def _kind(p: LayerwisePruner, i: int) -> str | None:
 def _dense_norms(p: LayerwisePruner, layer_seconds: dict[int, float], resumed: list[int]):
     """(layer, name) -> fp32 (in,) CPU norms of every prunable linear of the *dense* model (one
     calibration pass, dense outputs feed the next layer); each layer's norms are checkpointed."""
-    dev = torch.device(p.config.device)
-    all_norms: dict[tuple[int, str], torch.Tensor] = {}
     p._materialize(EMBEDDINGS)
     calib = capture_calibration(p.model, p.batches, p.config, p.adapter)
     p._release(EMBEDDINGS)
-    inps, outs = calib.inputs, torch.empty_like(calib.inputs)
-    bar = p._progress(len(p.groups), "wanda global: dense norms")
-    for i, layer in enumerate(p.layers):
-        t0 = time.perf_counter()
+
+    def restored(i: int) -> dict[str, torch.Tensor] | None:
         kind = _kind(p, i)
-        done = distributed.all_true(kind is not None and p.resume.finished(i))
-        p._materialize(i)
-        with on_device(layer, dev):
-            if done:
-                saved = p.resume.tensors(kind, i)
-                if kind == "layer":  # pruned by the streamed mask pass: its dense norms ride along
-                    norms = {n[len(NORM_PREFIX):]: v for n, v in saved.items() if n.startswith(NORM_PREFIX)}
-                else:
-                    norms = dict(saved)
-                calib.run_layer(layer, i, inps, outs)
-                resumed.append(i)
-                bar.set_postfix_str(_restored_note(resumed), refresh=False)
-            else:  # dense outputs feed layer i + 1
-                st = calib.layer_stats(layer, i, p.groups[i], inps, outs)
-                norms = {k: v.cpu() for k, v in st.norms().items()}
-        p._release(i)
-        inps, outs = outs, inps
+        if not distributed.all_true(kind is not None and p.resume.finished(i)):
+            return None
+        saved = p.resume.tensors(kind, i)
+        if kind == "layer":  # pruned by the streamed mask pass: its dense norms ride along
+            return {n[len(NORM_PREFIX):]: v for n, v in saved.items() if n.startswith(NORM_PREFIX)}
+        return dict(saved)
+
+    all_norms: dict[tuple[int, str], torch.Tensor] = {}
+    bar = p._progress(len(p.groups), "wanda global: dense norms")
+    walk = dense_norm_pass(calib, p.layers, lambda i: p.groups[i], p.config.device, restored=restored,
+                           materialize=p._materialize, release=p._release)
+    last = calib.inputs  # the last decoder layer's dense outputs: lm_head's input (after the final norm)
+    t0 = time.perf_counter()
+    for i, norms, done, out in walk:
+        last = out
+        if done:
+            resumed.append(i)
+            bar.set_postfix_str(_restored_note(resumed), refresh=False)
         for name, v in norms.items():
             all_norms[(i, name)] = v
         layer_seconds[i] = time.perf_counter() - t0
         if not done:
             p._finish_layer(i, [], layer_seconds[i], kind="norms", tensors=norms)
         bar.update(1)
+        t0 = time.perf_counter()
     if p.num_layers in p.groups:  # lm_head: its input is the final norm of the last hidden state
-        st = calib.head_stats(inps)
+        st = calib.head_stats(last)
         all_norms[(p.num_layers, LM_HEAD)] = st[LM_HEAD].norm().cpu()
         bar.update(1)
     bar.close()
